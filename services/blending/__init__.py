@@ -1,0 +1,1 @@
+"""The blending service: weighted targets from per-source features (numpy only)."""

@@ -1,0 +1,1 @@
+"""What the four services share: the wire format, images, config, errors, the model manifest."""

@@ -1,0 +1,84 @@
+"""Configuration: one frozen settings class per service, from STYLEBLEND_* environment variables.
+
+Command-line flags go over the environment by being passed as keyword arguments.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+MiB = 1024 * 1024
+
+
+class ServiceConfig(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="STYLEBLEND_", frozen=True, extra="ignore")
+
+    host: str = Field("127.0.0.1", description="interface the servers listen on")
+    max_message_bytes: int = Field(64 * MiB, gt=0, description="largest gRPC message")
+    grace_s: float = Field(5.0, ge=0, description="seconds calls in flight get on SIGTERM")
+    log_level: str = "INFO"
+
+    def address(self, port: int) -> str:
+        return f"{self.host}:{port}"
+
+
+class ModelConfig(ServiceConfig):
+    model: str = Field("vgg19", description="feature model id")
+    model_dir: Path = Field(Path("models"), description="folder holding one folder per export")
+
+    @property
+    def model_path(self) -> Path:
+        return self.model_dir / self.model
+
+
+class FeaturesConfig(ModelConfig):
+    features_port: int = Field(50052, ge=0, le=65535)
+    # Comma-separated; tried in order, filtered by what the installed ONNX Runtime offers.
+    providers: Annotated[tuple[str, ...], NoDecode] = (
+        "TensorrtExecutionProvider",
+        "CUDAExecutionProvider",
+        "CPUExecutionProvider",
+    )
+    cache_bytes: int = Field(512 * MiB, ge=0, description="memory budget of the feature cache")
+    intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime threads; 0 = its default")
+
+    @field_validator("providers", mode="before")
+    @classmethod
+    def _split(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(name.strip() for name in value.split(",") if name.strip())
+        return value
+
+
+class BlendingConfig(ServiceConfig):
+    blending_port: int = Field(50053, ge=0, le=65535)
+
+
+class ReconstructionConfig(ModelConfig):
+    reconstruction_port: int = Field(50054, ge=0, le=65535)
+    device: str = Field("auto", description='"auto" (CUDA when there is one), "cpu" or "cuda:N"')
+    threads: int = Field(0, ge=0, description="PyTorch CPU threads; 0 = its default")
+
+
+class GatewayConfig(ServiceConfig):
+    gateway_port: int = Field(50051, ge=0, le=65535)
+    features_address: str = "127.0.0.1:50052"
+    blending_address: str = "127.0.0.1:50053"
+    reconstruction_address: str = "127.0.0.1:50054"
+    upstream_timeout_s: float = Field(30.0, gt=0, description="deadline of one upstream call")
+    # Limits: over any of them a request is RESOURCE_EXHAUSTED.
+    max_side_px: int = Field(1024, ge=32)
+    max_sources: int = Field(8, ge=1)
+    max_iterations: int = Field(2000, ge=1)
+    max_request_bytes: int = Field(64 * MiB, gt=0)
+    max_image_pixels: int = Field(40_000_000, gt=0)
+    upload_store_bytes: int = Field(256 * MiB, ge=0, description="memory for uploaded images")
+    # Defaults for unset request fields.
+    default_side_px: int = Field(256, ge=32)
+    default_iterations: int = Field(150, ge=1)
+    default_preview_every: int = Field(10, ge=1)
+    default_learning_rate: float = Field(0.02, gt=0)

@@ -1,0 +1,102 @@
+"""Encoded images: header checks before any pixel is decoded, decoding to a canvas, encoding.
+
+Pixels travel between services as encoded bytes; arrays are H×W×3 RGB, float32 in [0, 1].
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from services.common.errors import InvalidArgument, ResourceExhausted
+
+FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF")
+_EXIF_ORIENTATION = 0x0112
+_TRANSPOSED = {5, 6, 7, 8}  # EXIF orientations that swap width and height
+
+
+@dataclass(frozen=True)
+class ImageHeader:
+    format: str
+    width: int  # after the EXIF orientation is applied
+    height: int
+
+    @property
+    def pixels(self) -> int:
+        return self.width * self.height
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def probe(data: bytes, what: str, max_pixels: int) -> ImageHeader:
+    """Read only the header: format and size, checked against `max_pixels` before decoding."""
+    if not data:
+        raise InvalidArgument(f"{what}: the image is empty")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                fmt, (width, height) = image.format or "", image.size
+                if image.getexif().get(_EXIF_ORIENTATION) in _TRANSPOSED:
+                    width, height = height, width
+    except Image.DecompressionBombError as error:
+        raise ResourceExhausted(f"{what}: {error}") from error
+    except Exception as error:
+        raise InvalidArgument(f"{what}: not a readable image ({error})") from error
+    if fmt not in FORMATS:
+        raise InvalidArgument(
+            f"{what}: format {fmt or 'unknown'} is not one of {', '.join(FORMATS)}"
+        )
+    if width * height > max_pixels:
+        raise ResourceExhausted(
+            f"{what}: {width}×{height} = {width * height:,} pixels is over the limit of "
+            f"{max_pixels:,} pixels"
+        )
+    return ImageHeader(fmt, width, height)
+
+
+def fit_inside(width: int, height: int, side: int) -> tuple[int, int]:
+    """The size with the same aspect ratio whose longest side is `side` (each side at least 1)."""
+    scale = side / max(width, height)
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def decode(data: bytes, what: str = "image") -> Image.Image:
+    """Decode fully (a truncated file fails here), upright, as RGB."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            upright = ImageOps.exif_transpose(image)
+            return upright.convert("RGB")
+    except Exception as error:
+        raise InvalidArgument(f"{what}: cannot decode the image ({error})") from error
+
+
+def to_canvas(data: bytes, width: int, height: int, what: str = "image") -> np.ndarray:
+    """Decode and resize to cover width×height, centre-cropped: no distortion, no borders."""
+    image = ImageOps.fit(decode(data, what), (width, height), Image.Resampling.LANCZOS)
+    return np.asarray(image, dtype=np.float32) / 255.0
+
+
+def to_uint8(pixels: np.ndarray) -> np.ndarray:
+    return (np.clip(pixels, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
+def encode(pixels: np.ndarray, fmt: str = "PNG", **options: object) -> bytes:
+    """Encode an H×W×3 array (uint8, or float in [0, 1])."""
+    if pixels.dtype != np.uint8:
+        pixels = to_uint8(pixels)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels, "RGB").save(buffer, format=fmt, **options)
+    return buffer.getvalue()
+
+
+def encode_preview(pixels: np.ndarray) -> bytes:
+    return encode(pixels, "JPEG", quality=90)

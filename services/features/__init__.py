@@ -1,0 +1,1 @@
+"""The features service: the exported feature model on ONNX Runtime, with a cache."""

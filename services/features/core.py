@@ -1,0 +1,138 @@
+"""Gram matrices and feature maps of images, from the ONNX export on ONNX Runtime."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from cachetools import LRUCache
+
+from services.common import images
+from services.common.errors import FailedPrecondition, InvalidArgument
+from services.common.manifest import Manifest
+
+log = logging.getLogger(__name__)
+
+MIN_SIDE_PX = 32  # below this the deepest layers of the models have no pixels left
+
+
+def gram(features: np.ndarray) -> np.ndarray:
+    """G = F Fᵀ / (H W) for a C×H×W feature map."""
+    channels = features.shape[0]
+    flat = features.reshape(channels, -1)
+    return (flat @ flat.T) / flat.shape[1]
+
+
+def choose_providers(wanted: Sequence[str], available: Sequence[str]) -> list[str]:
+    """The wanted providers that this ONNX Runtime offers, in the wanted order."""
+    chosen = [name for name in wanted if name in available]
+    if not chosen:
+        raise FailedPrecondition(
+            f"none of the execution providers {list(wanted)} is available; "
+            f"this ONNX Runtime offers {list(available)}"
+        )
+    return chosen
+
+
+@dataclass(frozen=True)
+class Extraction:
+    grams: dict[str, np.ndarray]
+    features: dict[str, np.ndarray]
+    cached: bool  # True when nothing had to be run
+
+
+class FeatureExtractor:
+    """One ONNX Runtime session over an export, and a cache keyed by image content and size."""
+
+    def __init__(
+        self,
+        model_dir: Path,
+        providers: Sequence[str],
+        cache_bytes: int,
+        intra_op_threads: int = 0,
+    ) -> None:
+        self.manifest = Manifest.load(model_dir)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = intra_op_threads
+        self.session = ort.InferenceSession(
+            str(model_dir / self.manifest.onnx_file),
+            sess_options=options,
+            providers=choose_providers(providers, ort.get_available_providers()),
+        )
+        self.providers: list[str] = self.session.get_providers()
+        log.info("model %s on ONNX Runtime, providers %s", self.manifest.model, self.providers)
+        # (image sha256, width, height, "gram" | "features", layer) -> array
+        self._cache: LRUCache[tuple[str, int, int, str, str], np.ndarray] = LRUCache(
+            maxsize=cache_bytes, getsizeof=lambda array: array.nbytes
+        )
+        self._lock = threading.Lock()
+
+    def check_layers(self, layers: Sequence[str], field: str) -> None:
+        known = self.manifest.layer_names
+        unknown = [name for name in layers if name not in known]
+        if unknown:
+            raise InvalidArgument(
+                f"{field}: unknown layer(s) {', '.join(unknown)}; "
+                f"{self.manifest.model} has {', '.join(known)}"
+            )
+
+    def extract(
+        self,
+        image: bytes,
+        width: int,
+        height: int,
+        gram_layers: Sequence[str],
+        feature_layers: Sequence[str],
+    ) -> Extraction:
+        self.check_layers(gram_layers, "gram_layers")
+        self.check_layers(feature_layers, "feature_layers")
+        if min(width, height) < MIN_SIDE_PX:
+            raise InvalidArgument(
+                f"size {width}×{height}: each side must be at least {MIN_SIDE_PX}"
+            )
+        digest = images.sha256(image)
+        wanted = [("gram", name) for name in gram_layers]
+        wanted += [("features", name) for name in feature_layers]
+        found = self._lookup(digest, width, height, wanted)
+        missing = [(kind, name) for kind, name in wanted if (kind, name) not in found]
+        if missing:
+            found.update(self._run(image, digest, width, height, missing))
+        return Extraction(
+            grams={name: found[("gram", name)] for name in gram_layers},
+            features={name: found[("features", name)] for name in feature_layers},
+            cached=not missing,
+        )
+
+    def _lookup(
+        self, digest: str, width: int, height: int, wanted: list[tuple[str, str]]
+    ) -> dict[tuple[str, str], np.ndarray]:
+        with self._lock:
+            return {
+                (kind, name): self._cache[(digest, width, height, kind, name)]
+                for kind, name in wanted
+                if (digest, width, height, kind, name) in self._cache
+            }
+
+    def _run(
+        self, image: bytes, digest: str, width: int, height: int, wanted: list[tuple[str, str]]
+    ) -> dict[tuple[str, str], np.ndarray]:
+        pixels = images.to_canvas(image, width, height)
+        batch = np.ascontiguousarray(pixels.transpose(2, 0, 1)[None])
+        layers = sorted({name for _, name in wanted})
+        outputs = dict(
+            zip(layers, self.session.run(layers, {self.manifest.input_name: batch}), strict=True)
+        )
+        results = {
+            (kind, name): gram(outputs[name][0]) if kind == "gram" else outputs[name][0]
+            for kind, name in wanted
+        }
+        with self._lock:
+            for (kind, name), array in results.items():
+                if array.nbytes <= self._cache.maxsize:
+                    self._cache[(digest, width, height, kind, name)] = array
+        return results

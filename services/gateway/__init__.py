@@ -1,0 +1,1 @@
+"""The gateway: the public StyleBlend service, orchestrating the three internal services."""

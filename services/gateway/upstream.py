@@ -1,0 +1,124 @@
+"""The gateway's calls to the three internal services; gRPC failures become domain errors."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import TypeVar
+
+import grpc
+from styleblend.internal.v1 import (
+    blending_pb2,
+    blending_pb2_grpc,
+    features_pb2,
+    features_pb2_grpc,
+    reconstruction_pb2,
+    reconstruction_pb2_grpc,
+)
+
+from services.common import errors
+from services.common.config import GatewayConfig
+
+T = TypeVar("T")
+
+_PASSED_ON: dict[grpc.StatusCode, type[errors.StyleBlendError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: errors.InvalidArgument,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: errors.ResourceExhausted,
+    grpc.StatusCode.FAILED_PRECONDITION: errors.FailedPrecondition,
+}
+
+
+def domain_error(error: grpc.RpcError, service: str, address: str) -> Exception:
+    """What the gateway's caller should see for an upstream failure."""
+    code = error.code() if isinstance(error, grpc.Call) else grpc.StatusCode.UNKNOWN
+    details = error.details() if isinstance(error, grpc.Call) else str(error)
+    if code in _PASSED_ON:
+        return _PASSED_ON[code](details or "")
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        return errors.Unavailable(
+            f"the {service} service at {address} is unavailable ({code.name}: {details}); "
+            f"start the graph with `styleblend up`"
+        )
+    return RuntimeError(f"{service} service failed: {code.name}: {details}")
+
+
+class ReconstructCall:
+    """A running Reconstruct stream: iterate it for events, cancel it to stop the service's work."""
+
+    def __init__(self, call: grpc.Call, address: str) -> None:
+        self._call = call
+        self._address = address
+
+    def __iter__(self) -> Iterator[reconstruction_pb2.ReconstructResponse]:
+        try:
+            yield from self._call  # type: ignore[misc]
+        except grpc.RpcError as error:
+            if error.code() != grpc.StatusCode.CANCELLED:
+                raise domain_error(error, "reconstruction", self._address) from None
+
+    def cancel(self) -> None:
+        self._call.cancel()
+
+
+class Upstreams:
+    """Channels to features, blending and reconstruction, from the gateway's config."""
+
+    def __init__(self, config: GatewayConfig) -> None:
+        self.config = config
+        options = [
+            ("grpc.max_receive_message_length", config.max_message_bytes),
+            ("grpc.max_send_message_length", config.max_message_bytes),
+        ]
+        self._channels = [
+            grpc.insecure_channel(address, options=options)
+            for address in (
+                config.features_address,
+                config.blending_address,
+                config.reconstruction_address,
+            )
+        ]
+        self.features = features_pb2_grpc.FeaturesServiceStub(self._channels[0])
+        self.blending = blending_pb2_grpc.BlendingServiceStub(self._channels[1])
+        self.reconstruction = reconstruction_pb2_grpc.ReconstructionServiceStub(self._channels[2])
+
+    def _unary(self, service: str, address: str, call: Callable[..., T], request: object) -> T:
+        try:
+            return call(request, timeout=self.config.upstream_timeout_s)
+        except grpc.RpcError as error:
+            raise domain_error(error, service, address) from None
+
+    def get_model(self) -> features_pb2.GetModelResponse:
+        return self._unary(
+            "features",
+            self.config.features_address,
+            self.features.GetModel,
+            features_pb2.GetModelRequest(),
+        )
+
+    def extract(self, request: features_pb2.ExtractRequest) -> features_pb2.ExtractResponse:
+        return self._unary("features", self.config.features_address, self.features.Extract, request)
+
+    def blend_targets(
+        self, request: blending_pb2.BlendTargetsRequest
+    ) -> blending_pb2.BlendTargetsResponse:
+        return self._unary(
+            "blending", self.config.blending_address, self.blending.BlendTargets, request
+        )
+
+    def get_device(self) -> reconstruction_pb2.GetDeviceResponse:
+        return self._unary(
+            "reconstruction",
+            self.config.reconstruction_address,
+            self.reconstruction.GetDevice,
+            reconstruction_pb2.GetDeviceRequest(),
+        )
+
+    def reconstruct(
+        self, requests: Iterator[reconstruction_pb2.ReconstructRequest]
+    ) -> ReconstructCall:
+        # No deadline: a run lasts as long as its iterations; a down service still fails fast.
+        call = self.reconstruction.Reconstruct(requests)
+        return ReconstructCall(call, self.config.reconstruction_address)
+
+    def close(self) -> None:
+        for channel in self._channels:
+            channel.close()

@@ -1,0 +1,1 @@
+"""The reconstruction service: the Gatys optimisation in PyTorch, streaming previews."""
