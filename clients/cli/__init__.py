@@ -1,0 +1,1 @@
+"""The `styleblend` command: start the graph, blend images, export feature models."""

@@ -1,0 +1,88 @@
+"""The `styleblend` command."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import grpc
+
+from clients.cli import graph, remote
+from clients.cli.sources import parse_source
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="styleblend", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    up = commands.add_parser("up", help="start the four services on this machine")
+    up.add_argument("--single-process", action="store_true", help="host all four in one server")
+    up.add_argument("--host", help="interface to listen on (STYLEBLEND_HOST, 127.0.0.1)")
+    for name, port in graph.DEFAULT_PORTS.items():
+        up.add_argument(
+            f"--{name}-port", type=int, help=f"(STYLEBLEND_{name.upper()}_PORT, {port})"
+        )
+    up.add_argument("--model", help="feature model id (STYLEBLEND_MODEL, vgg19)")
+    up.add_argument(
+        "--model-dir", type=Path, help="folder of exports (STYLEBLEND_MODEL_DIR, models)"
+    )
+
+    blend = commands.add_parser("blend", help="blend images through a running gateway")
+    blend.add_argument(
+        "--source",
+        dest="sources",
+        action="append",
+        type=parse_source,
+        required=True,
+        metavar="PATH[:style=W][:content=W]",
+        help="a source image and its weights; repeat for each source",
+    )
+    blend.add_argument("-o", "--output", type=Path, required=True, help="where to write the result")
+    blend.add_argument("--size", type=int, help="longest side of the result in pixels")
+    blend.add_argument("--iterations", type=int)
+    blend.add_argument("--optimizer", choices=("lbfgs", "adam"))
+    blend.add_argument("--previews", type=Path, metavar="DIR", help="write every preview here")
+    blend.add_argument("--seed", type=int)
+    blend.add_argument("--style-layers", nargs="+", metavar="LAYER")
+    blend.add_argument("--content-layers", nargs="+", metavar="LAYER")
+    blend.add_argument("--content-loss-weight", type=float, metavar="ALPHA")
+    blend.add_argument("--style-loss-weight", type=float, metavar="BETA")
+    blend.add_argument("--tv-loss-weight", type=float, metavar="GAMMA")
+    blend.add_argument("--init", choices=("content", "noise"))
+    blend.add_argument("--preview-every", type=int, metavar="N")
+    blend.add_argument("--gateway", default=remote.default_gateway(), metavar="HOST:PORT")
+
+    info = commands.add_parser("info", help="describe the running gateway: model, layers, limits")
+    info.add_argument("--gateway", default=remote.default_gateway(), metavar="HOST:PORT")
+
+    export = commands.add_parser("export", help="export a feature model to ONNX")
+    export.add_argument(
+        "--model", default="vgg19", help="vgg19, vgg19-torchvision, efficientnet-lite0"
+    )
+    export.add_argument("--weights", type=Path, help="a weight file instead of the packaged one")
+    export.add_argument("--model-dir", type=Path, help="folder of exports (STYLEBLEND_MODEL_DIR)")
+    export.add_argument("--force", action="store_true", help="export again even if up to date")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "up":
+            return graph.up(args)
+        if args.command == "blend":
+            return remote.blend(args)
+        if args.command == "info":
+            return remote.info(args)
+        return graph.export(args)
+    except grpc.RpcError as error:
+        print(remote.explain(error, args), file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
