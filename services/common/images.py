@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,6 +15,9 @@ from PIL import Image, ImageOps
 from services.common.errors import InvalidArgument, ResourceExhausted
 
 FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF")
+# Our limits replace Pillow's global bomb check, whose error cannot say the image's size.
+Image.MAX_IMAGE_PIXELS = None
+DECODE_LIMIT_PIXELS = 100_000_000  # what any service decodes at most, whoever calls it
 _EXIF_ORIENTATION = 0x0112
 _TRANSPOSED = {5, 6, 7, 8}  # EXIF orientations that swap width and height
 
@@ -40,14 +42,10 @@ def probe(data: bytes, what: str, max_pixels: int) -> ImageHeader:
     if not data:
         raise InvalidArgument(f"{what}: the image is empty")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as image:
-                fmt, (width, height) = image.format or "", image.size
-                if image.getexif().get(_EXIF_ORIENTATION) in _TRANSPOSED:
-                    width, height = height, width
-    except Image.DecompressionBombError as error:
-        raise ResourceExhausted(f"{what}: {error}") from error
+        with Image.open(io.BytesIO(data)) as image:
+            fmt, (width, height) = image.format or "", image.size
+            if _orientation(image) in _TRANSPOSED:
+                width, height = height, width
     except Exception as error:
         raise InvalidArgument(f"{what}: not a readable image ({error})") from error
     if fmt not in FORMATS:
@@ -62,6 +60,14 @@ def probe(data: bytes, what: str, max_pixels: int) -> ImageHeader:
     return ImageHeader(fmt, width, height)
 
 
+def _orientation(image: Image.Image) -> int | None:
+    """The EXIF orientation, if the header has one; a PNG may keep it past its pixels."""
+    try:
+        return image.getexif().get(_EXIF_ORIENTATION)
+    except (OSError, SyntaxError, ValueError):
+        return None  # a truncated file: decoding will say so
+
+
 def fit_inside(width: int, height: int, side: int) -> tuple[int, int]:
     """The size with the same aspect ratio whose longest side is `side` (each side at least 1)."""
     scale = side / max(width, height)
@@ -70,6 +76,7 @@ def fit_inside(width: int, height: int, side: int) -> tuple[int, int]:
 
 def decode(data: bytes, what: str = "image") -> Image.Image:
     """Decode fully (a truncated file fails here), upright, as RGB."""
+    probe(data, what, DECODE_LIMIT_PIXELS)
     try:
         with Image.open(io.BytesIO(data)) as image:
             image.load()
