@@ -1,0 +1,1 @@
+"""Builds the feature models: trained weights into PyTorch, then ONNX, with a manifest."""
