@@ -41,10 +41,14 @@ def export(args: argparse.Namespace) -> int:
     from services.common.config import ModelConfig
 
     root = args.model_dir or ModelConfig().model_dir
-    if args.force:
-        folder = export_model(args.model, root, args.weights)
-    else:
-        folder = ensure_model(args.model, root, args.weights)
+    try:
+        if args.force:
+            folder = export_model(args.model, root, args.weights)
+        else:
+            folder = ensure_model(args.model, root, args.weights)
+    except (FileNotFoundError, ValueError, KeyError) as error:  # bad or missing weights, bad id
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     print(f"{args.model}: {folder}")
     return 0
 

@@ -26,7 +26,7 @@ def test_bytes_are_little_endian_c_order() -> None:
 
 
 def test_scalar_and_empty() -> None:
-    np.testing.assert_array_equal(wire.from_tensor(wire.to_tensor(np.float32(2.5))), 2.5)
+    np.testing.assert_array_equal(wire.from_tensor(wire.to_tensor(np.array(2.5, np.float32))), 2.5)
     assert wire.from_tensor(wire.to_tensor(np.zeros((0, 3), np.float32))).shape == (0, 3)
 
 

@@ -1,0 +1,77 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from services.common.errors import FailedPrecondition, InvalidArgument
+from services.features.core import FeatureExtractor, choose_providers, gram
+from tests.conftest import sample
+
+
+@pytest.fixture(scope="module")
+def extractor(vgg19_dir: Path) -> FeatureExtractor:
+    return FeatureExtractor(vgg19_dir, ["CPUExecutionProvider"], cache_bytes=64 * 1024 * 1024)
+
+
+def test_gram_is_f_ft_over_hw() -> None:
+    features = np.random.default_rng(0).random((3, 4, 5)).astype(np.float32)
+    flat = features.reshape(3, 20).astype(np.float64)
+    np.testing.assert_allclose(gram(features), flat @ flat.T / 20, rtol=1e-6)
+
+
+def test_providers_follow_the_wanted_order_filtered_by_what_exists() -> None:
+    wanted = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert choose_providers(wanted, ["CPUExecutionProvider"]) == ["CPUExecutionProvider"]
+    available = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert choose_providers(wanted, available) == available
+    with pytest.raises(FailedPrecondition, match="offers \\['CPUExecutionProvider'\\]"):
+        choose_providers(["CUDAExecutionProvider"], ["CPUExecutionProvider"])
+
+
+def test_extract_matches_pytorch_and_caches(extractor: FeatureExtractor) -> None:
+    from export.models import build_feature_net
+    from services.common import images
+
+    image = sample("style/the_scream.jpg")
+    first = extractor.extract(image, 48, 64, ["relu1_1", "relu3_1"], ["relu4_2"])
+    assert not first.cached
+    assert first.grams["relu3_1"].shape == (256, 256)
+    assert first.features["relu4_2"].shape == (512, 8, 6)
+
+    net, _ = build_feature_net("vgg19")
+    pixels = torch.as_tensor(images.to_canvas(image, 48, 64)).permute(2, 0, 1)[None]
+    with torch.no_grad():
+        expected = net(pixels, ["relu3_1"])["relu3_1"][0].numpy()
+    np.testing.assert_allclose(first.grams["relu3_1"], gram(expected), rtol=1e-3, atol=1e-3)
+
+    runs: list[tuple[object, ...]] = []
+    original = extractor.session.run
+
+    def counted(*args: object, **kwargs: object) -> object:
+        runs.append(args)
+        return original(*args, **kwargs)
+
+    extractor.session.run = counted
+    try:
+        again = extractor.extract(image, 48, 64, ["relu3_1"], ["relu4_2"])
+        assert again.cached and runs == []
+        np.testing.assert_array_equal(again.grams["relu3_1"], first.grams["relu3_1"])
+        extractor.extract(image, 48, 64, ["relu5_1"], [])  # a new layer runs the model once
+        assert len(runs) == 1 and runs[0][0] == ["relu5_1"]
+    finally:
+        extractor.session.run = original
+
+
+def test_unknown_layers_and_tiny_sizes_are_refused(extractor: FeatureExtractor) -> None:
+    image = sample("content/coffee.jpg")
+    with pytest.raises(
+        InvalidArgument, match="gram_layers: unknown layer\\(s\\) conv1_1; vgg19 has"
+    ):
+        extractor.extract(image, 64, 64, ["conv1_1"], [])
+    with pytest.raises(InvalidArgument, match="size 16×64: each side must be at least 32"):
+        extractor.extract(image, 16, 64, ["relu1_1"], [])
+    with pytest.raises(InvalidArgument, match="not a readable image"):
+        extractor.extract(b"\x89PNG\r\n\x1a\n" + b"\0" * 40, 64, 64, ["relu1_1"], [])
