@@ -87,15 +87,17 @@ def serve_one(name: str) -> RunningServer:
         return _start(config, config.reconstruction_port, build_reconstruction(config))
     if name == "gateway":
         config = GatewayConfig()
-        return _start(config, config.gateway_port, build_gateway(config))
+        return _start(config, config.gateway_port, build_gateway(config), config.max_request_bytes)
     raise ValueError(f"unknown service {name!r}; one of {', '.join(SERVICES)}")
 
 
-def _start(config: ServiceConfig, port: int, servicer: Servicer) -> RunningServer:
+def _start(
+    config: ServiceConfig, port: int, servicer: Servicer, max_message_bytes: int | None = None
+) -> RunningServer:
     return start_server(
         lambda _: [servicer],
         address=config.address(port),
-        max_message_bytes=config.max_message_bytes,
+        max_message_bytes=max_message_bytes or config.max_message_bytes,
     )
 
 
@@ -117,5 +119,6 @@ def serve_all_in_one(gateway: GatewayConfig) -> RunningServer:
     return start_server(
         wire_to,
         address=gateway.address(gateway.gateway_port),
-        max_message_bytes=gateway.max_message_bytes,
+        # Internal messages (content maps) share this server, so the larger limit applies.
+        max_message_bytes=max(gateway.max_message_bytes, gateway.max_request_bytes),
     )

@@ -44,8 +44,10 @@ def lite0_dir() -> Path:
     return ensure_model("efficientnet-lite0", MODELS)
 
 
-def serve(servicer: Servicer) -> RunningServer:
-    return start_server(lambda _: [servicer], address="127.0.0.1:0", max_message_bytes=64 * MiB)
+def serve(servicer: Servicer, max_message_bytes: int = 64 * MiB) -> RunningServer:
+    return start_server(
+        lambda _: [servicer], address="127.0.0.1:0", max_message_bytes=max_message_bytes
+    )
 
 
 def address(server: RunningServer) -> str:
@@ -79,7 +81,7 @@ def start_gateway(upstreams: dict[str, str], **limits: int) -> tuple[RunningServ
         reconstruction_address=upstreams["reconstruction"],
         upstream_timeout_s=5.0,
     ).model_copy(update=limits)
-    return serve(build_gateway(config)), config
+    return serve(build_gateway(config), config.max_request_bytes), config
 
 
 @pytest.fixture(scope="session")
@@ -95,7 +97,9 @@ def graph(vgg19_dir: Path) -> Iterator[Graph]:
         "blending": address(blending),
         "reconstruction": address(reconstruction),
     }
-    gateway, config = start_gateway(upstreams, max_side_px=512, max_sources=4, max_iterations=500)
+    gateway, config = start_gateway(
+        upstreams, max_side_px=512, max_sources=4, max_iterations=500, max_request_bytes=2 * MiB
+    )
     yield Graph(features, blending, reconstruction, gateway, config)
     for server in (gateway, reconstruction, blending, features):
         server.stop(0)

@@ -285,3 +285,12 @@ def test_an_image_over_the_pixel_limit_is_refused_before_decoding(graph: Graph) 
     assert "sources[1] image: 30000×30000 = 900,000,000 pixels is over the limit of 40,000,000" in (
         str(error.details())
     )
+
+
+def test_a_request_over_the_byte_limit_is_refused(graph: Graph) -> None:
+    noise = np.random.default_rng(0).integers(0, 256, (1100, 1100, 3), dtype=np.uint8)
+    big = pb.Source(data=images.encode(noise), style_weight=1.0, content_weight=0.0)
+    assert big.ByteSize() > graph.config.max_request_bytes
+    error = status_of(graph, small_blend(source(*ASTRONAUT), big))
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "larger than max" in str(error.details())

@@ -1,0 +1,118 @@
+"""The `styleblend` command as a person uses it."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from PIL import Image
+from styleblend.v1 import styleblend_pb2, styleblend_pb2_grpc
+
+from clients.cli.main import main
+from clients.cli.sources import parse_source
+from tests.conftest import ROOT, SAMPLES, Graph
+
+ASTRONAUT = str(SAMPLES / "content" / "astronaut.jpg")
+STARRY = str(SAMPLES / "style" / "starry_night.jpg")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def test_source_weights_are_parsed_and_checked() -> None:
+    parsed = parse_source(f"{STARRY}:style=0.7")
+    assert (parsed.path, parsed.style_weight, parsed.content_weight) == (Path(STARRY), 0.7, 0.0)
+    assert parse_source(f"{ASTRONAUT}:content=1:style=0.1").style_weight == 0.1
+    for text, message in [
+        (f"{STARRY}", "give a weight"),
+        (f"{STARRY}:style=-1", "style must be a finite number >= 0"),
+        (f"{STARRY}:style=lots", "'lots' is not a number"),
+        (f"{STARRY}:colour=1", "unknown weight 'colour'"),
+        ("missing.jpg:style=1", "missing.jpg: no such file"),
+    ]:
+        with pytest.raises(argparse.ArgumentTypeError, match=message):
+            parse_source(text)
+
+
+def test_blend_writes_the_result_and_previews(graph: Graph, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "result.png"
+    code = main(
+        [
+            "blend",
+            "--source", f"{ASTRONAUT}:content=1",
+            "--source", f"{STARRY}:style=1",
+            "--size", "64", "--iterations", "12", "--preview-every", "5", "--seed", "2",
+            "--previews", str(tmp_path / "previews"),
+            "-o", str(out),
+            "--gateway", graph.address,
+        ]
+    )  # fmt: skip
+    assert code == 0
+    assert Image.open(out).size == (64, 64)
+    previews = sorted(p.name for p in (tmp_path / "previews").iterdir())
+    assert previews == ["preview_00005.jpg", "preview_00010.jpg"]
+    assert f"wrote {out} (64×64, 12 iterations" in capsys.readouterr().out
+
+
+def test_without_a_gateway_it_says_how_to_start_one(tmp_path: Path, capsys) -> None:
+    address = f"127.0.0.1:{free_port()}"
+    code = main(["blend", "--source", f"{STARRY}:style=1", "-o", str(tmp_path / "x.png"),
+                 "--gateway", address])  # fmt: skip
+    assert code == 1
+    err = capsys.readouterr().err
+    assert f"no styleblend gateway is reachable at {address}" in err
+    assert "styleblend up" in err and "Traceback" not in err
+
+
+def test_server_errors_are_printed_not_raised(graph: Graph, tmp_path: Path, capsys) -> None:
+    code = main(["blend", "--source", f"{STARRY}:style=1", "--size", "4096",
+                 "-o", str(tmp_path / "x.png"), "--gateway", graph.address])  # fmt: skip
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "error (RESOURCE_EXHAUSTED): max_side_px 4096 is over the limit of 512" in err
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_info_names_the_model(graph: Graph, capsys) -> None:
+    assert main(["info", "--gateway", graph.address]) == 0
+    out = capsys.readouterr().out
+    assert "model          vgg19" in out and "relu4_2" in out
+
+
+@pytest.mark.parametrize("single_process", [False, True], ids=["processes", "single-process"])
+def test_up_serves_and_stops_on_sigterm(vgg19_dir: Path, single_process: bool) -> None:
+    ports = {name: free_port() for name in ("gateway", "features", "blending", "reconstruction")}
+    command = [sys.executable, "-m", "clients.cli.main", "up"]
+    command += [f"--{name}-port={port}" for name, port in ports.items()]
+    command += ["--single-process"] if single_process else []
+    env = {**os.environ, "STYLEBLEND_MODEL_DIR": str(vgg19_dir.parent)}
+    process = subprocess.Popen(
+        command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+    )
+    try:
+        assert process.stdout is not None
+        banner = process.stdout.readline()  # blocks until the graph is up
+        assert banner.startswith("styleblend is up"), banner
+        channel = grpc.insecure_channel(f"127.0.0.1:{ports['gateway']}")
+        info = styleblend_pb2_grpc.StyleBlendStub(channel).GetInfo(
+            styleblend_pb2.GetInfoRequest(), timeout=30
+        )
+        assert info.model == "vgg19"
+        started = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+        assert time.monotonic() - started < 30
+    finally:
+        if process.poll() is None:
+            process.kill()
