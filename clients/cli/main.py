@@ -50,7 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     blend.add_argument("--content-loss-weight", type=float, metavar="ALPHA")
     blend.add_argument("--style-loss-weight", type=float, metavar="BETA")
     blend.add_argument("--tv-loss-weight", type=float, metavar="GAMMA")
-    blend.add_argument("--init", choices=("content", "noise"))
+    start = blend.add_mutually_exclusive_group()
+    start.add_argument("--init", choices=("content", "noise"), help="where the optimisation starts")
+    start.add_argument("--init-image", type=Path, metavar="PATH", help="start from this image")
     blend.add_argument("--preview-every", type=int, metavar="N")
     blend.add_argument("--gateway", default=remote.default_gateway(), metavar="HOST:PORT")
 

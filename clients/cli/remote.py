@@ -66,6 +66,9 @@ def blend_request(args: argparse.Namespace) -> styleblend_pb2.BlendRequest:
         init=_INITS.get(args.init, styleblend_pb2.INIT_UNSPECIFIED),
         preview_every=args.preview_every or 0,
     )
+    if args.init_image:
+        request.init = styleblend_pb2.INIT_IMAGE
+        request.init_image = args.init_image.read_bytes()
     for field in ("content_loss_weight", "style_loss_weight", "tv_loss_weight", "seed"):
         value = getattr(args, field)
         if value is not None:

@@ -12,12 +12,14 @@ import time
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 from PIL import Image
 from styleblend.v1 import styleblend_pb2, styleblend_pb2_grpc
 
 from clients.cli.main import main
 from clients.cli.sources import parse_source
+from services.common import images
 from tests.conftest import ROOT, SAMPLES, Graph
 
 ASTRONAUT = str(SAMPLES / "content" / "astronaut.jpg")
@@ -116,3 +118,16 @@ def test_up_serves_and_stops_on_sigterm(vgg19_dir: Path, single_process: bool) -
     finally:
         if process.poll() is None:
             process.kill()
+
+
+def test_blend_can_start_from_a_given_image(graph: Graph, tmp_path: Path) -> None:
+    out = tmp_path / "from-image.png"
+    code = main(["blend", "--source", f"{STARRY}:style=1", "--init-image", ASTRONAUT,
+                 "--size", "64", "--iterations", "1", "--style-loss-weight", "0",
+                 "--tv-loss-weight", "0", "-o", str(out), "--gateway", graph.address])  # fmt: skip
+    assert code == 0
+    # With no loss to follow, one step leaves the start image as it was: the astronaut, cropped
+    # to the canvas of the only source, Starry Night (512×320).
+    result = np.asarray(Image.open(out), dtype=np.float32) / 255
+    start = images.to_canvas((SAMPLES / "content" / "astronaut.jpg").read_bytes(), 64, 40)
+    assert np.abs(result - start).max() < 2 / 255

@@ -48,8 +48,6 @@ def test_a_down_service_is_unavailable_by_name_within_the_deadline(graph: Graph,
     }
     upstreams[down] = f"127.0.0.1:{free_port()}"  # nothing listens there
     gateway, config = start_gateway(upstreams)
-    if down != "features":  # the gateway learns the model from features first
-        stub_for(address(gateway)).GetInfo  # noqa: B018
     started = time.monotonic()
     with pytest.raises(grpc.RpcError) as caught:
         list(stub_for(address(gateway)).Blend(blend_request(), timeout=60))
