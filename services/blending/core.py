@@ -1,7 +1,9 @@
-"""Blended targets: G* = Σ sᵢGᵢ / Σ sᵢ per style layer and F* = Σ cᵢFᵢ / Σ cᵢ per content layer.
+"""Blended targets from per-source features, weights and influence maps (DESIGN.md).
 
-Σᵢ sᵢ‖G − Gᵢ‖² = (Σ sᵢ)‖G − G*‖² + const, so one loss against G* scaled by Σ sᵢ is the
-weighted sum of the per-source losses (DESIGN.md); likewise for content.
+Style, per guidance channel k: G*ₖ = Σᵢ sₖᵢGᵢ / Σᵢ sₖᵢ, its loss scaled by Σᵢ sₖᵢ. Because
+Σᵢ sᵢ‖G − Gᵢ‖² = (Σ sᵢ)‖G − G*‖² + const, one loss against G* is the weighted sum of the
+per-source losses. Content, per feature pixel p: F*(p) = Σᵢ cᵢ(p)Fᵢ(p) / Σᵢ cᵢ(p), its loss
+weighted by W(p) = Σᵢ cᵢ(p); without maps W is the constant Σ cᵢ.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from services.common.errors import InvalidArgument
+from services.common.guides import to_layer
 
 
 @dataclass(frozen=True)
@@ -21,14 +24,28 @@ class SourceFeatures:
     features: Mapping[str, np.ndarray]
     style_weight: float
     content_weight: float
+    style_map: np.ndarray | None = None  # H×W in [0, 1] at the canvas
+    content_map: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class Region:
+    mask: np.ndarray  # H×W in [0, 1] at the canvas
+    style_weights: Sequence[float]  # one per source
+
+
+@dataclass(frozen=True)
+class StyleChannel:
+    mask: np.ndarray | None  # None: everywhere
+    grams: dict[str, np.ndarray]
+    scale: float  # Σᵢ sₖᵢ
 
 
 @dataclass(frozen=True)
 class Targets:
-    grams: dict[str, np.ndarray]  # empty when style_scale is 0
-    features: dict[str, np.ndarray]  # empty when content_scale is 0
-    style_scale: float  # Σ sᵢ
-    content_scale: float  # Σ cᵢ
+    channels: list[StyleChannel]  # empty: no style term
+    features: dict[str, np.ndarray]  # F*; empty: no content term
+    content_weights: dict[str, np.ndarray]  # W per content layer (h×w)
 
 
 def check_weight(value: float, field: str) -> float:
@@ -56,9 +73,7 @@ def weighted_mean(
     for layer in sorted(layers):
         shapes = {t[layer].shape for t, _ in used}
         if len(shapes) != 1:
-            raise InvalidArgument(
-                f"{what}[{layer}]: shapes differ between sources: {sorted(shapes)}"
-            )
+            raise InvalidArgument(f"{what}[{layer}]: shapes differ: {sorted(shapes)}")
         acc = np.zeros(shapes.pop(), dtype=np.float64)
         for layer_tensors, weight in used:
             acc += weight * layer_tensors[layer]
@@ -66,20 +81,93 @@ def weighted_mean(
     return blended
 
 
-def blend_targets(sources: Sequence[SourceFeatures]) -> Targets:
+def style_channels(
+    sources: Sequence[SourceFeatures], regions: Sequence[Region]
+) -> list[StyleChannel]:
+    """One channel for the sources without a map, one per mapped source, one per region."""
+    grams = [s.grams for s in sources]
+    if regions and any(s.style_map is not None for s in sources):
+        raise InvalidArgument("regions and per-source style maps cannot be combined; use one")
+    everywhere = [s.style_weight if s.style_map is None else 0.0 for s in sources]
+    channels = []
+    if sum(everywhere) > 0:
+        channels.append(
+            StyleChannel(None, weighted_mean(grams, everywhere, "grams"), sum(everywhere))
+        )
+    for source in sources:
+        if source.style_map is not None and source.style_weight > 0:
+            channels.append(
+                StyleChannel(
+                    source.style_map,
+                    weighted_mean([source.grams], [1.0], "grams"),
+                    source.style_weight,
+                )
+            )
+    for k, region in enumerate(regions):
+        if len(region.style_weights) != len(sources):
+            raise InvalidArgument(
+                f"regions[{k}].style_weights: {len(region.style_weights)} weights for "
+                f"{len(sources)} sources"
+            )
+        weights = [
+            check_weight(w, f"regions[{k}].style_weights[{i}]")
+            for i, w in enumerate(region.style_weights)
+        ]
+        if sum(weights) > 0:
+            channels.append(
+                StyleChannel(region.mask, weighted_mean(grams, weights, "grams"), sum(weights))
+            )
+    return channels
+
+
+def content_targets(
+    sources: Sequence[SourceFeatures], strides: Mapping[str, int]
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """F* and W per content layer, each source's content weighted per feature pixel."""
+    used = [s for s in sources if s.content_weight > 0]
+    if not used:
+        return {}, {}
+    layers = set(used[0].features)
+    if not layers or any(set(s.features) != layers for s in used):
+        raise InvalidArgument(
+            f"features: the sources with a content weight carry layers "
+            f"{[sorted(s.features) for s in used]}; they must all carry the same"
+        )
+    targets, weights = {}, {}
+    for layer in sorted(layers):
+        if layer not in strides:
+            raise InvalidArgument(f"layer_strides: no stride for content layer {layer}")
+        shapes = {s.features[layer].shape for s in used}
+        if len(shapes) != 1:
+            raise InvalidArgument(f"features[{layer}]: shapes differ: {sorted(shapes)}")
+        _, height, width = shapes.pop()
+        total = np.zeros((height, width), np.float64)
+        acc = np.zeros(used[0].features[layer].shape, np.float64)
+        for source in used:
+            here = source.content_weight * (
+                np.ones((height, width))
+                if source.content_map is None
+                else to_layer(source.content_map, height, width, strides[layer])
+            )
+            total += here
+            acc += here * source.features[layer]
+        targets[layer] = (acc / np.maximum(total, 1e-12)).astype(np.float32)
+        weights[layer] = total.astype(np.float32)
+    return targets, weights
+
+
+def blend_targets(
+    sources: Sequence[SourceFeatures],
+    regions: Sequence[Region] = (),
+    strides: Mapping[str, int] | None = None,
+) -> Targets:
     if not sources:
         raise InvalidArgument("sources: at least one source is needed")
-    style = [
-        check_weight(s.style_weight, f"sources[{i}].style_weight") for i, s in enumerate(sources)
-    ]
-    content = [
-        check_weight(s.content_weight, f"sources[{i}].content_weight")
-        for i, s in enumerate(sources)
-    ]
-    if sum(style) == 0 and sum(content) == 0:
+    for i, source in enumerate(sources):
+        check_weight(source.style_weight, f"sources[{i}].style_weight")
+        check_weight(source.content_weight, f"sources[{i}].content_weight")
+    channels = style_channels(sources, regions)
+    features, weights = content_targets(sources, strides or {})
+    if not channels and not features:
         raise InvalidArgument("every style_weight and content_weight is 0: nothing to blend")
-    grams = weighted_mean([s.grams for s in sources], style, "grams") if sum(style) else {}
-    features = (
-        weighted_mean([s.features for s in sources], content, "features") if sum(content) else {}
-    )
-    return Targets(grams, features, float(sum(style)), float(sum(content)))
+    return Targets(channels, features, weights)

@@ -3,33 +3,55 @@
 from __future__ import annotations
 
 import grpc
+import numpy as np
 from styleblend.internal.v1 import blending_pb2, blending_pb2_grpc
 
-from services.blending.core import SourceFeatures, blend_targets
-from services.common import wire
+from services.blending.core import Region, SourceFeatures, StyleChannel, blend_targets
+from services.common import images, wire
 from services.common.server import Servicer
+
+
+def _mask(data: bytes, request: blending_pb2.BlendTargetsRequest, what: str) -> np.ndarray | None:
+    return images.to_mask(data, request.width_px, request.height_px, what) if data else None
+
+
+def channel_message(channel: StyleChannel) -> blending_pb2.StyleChannel:
+    return blending_pb2.StyleChannel(
+        mask=wire.to_tensor(channel.mask) if channel.mask is not None else None,
+        grams=wire.to_layer_tensors(channel.grams),
+        scale=channel.scale,
+    )
 
 
 class BlendingServicer(blending_pb2_grpc.BlendingServiceServicer):
     def BlendTargets(
         self, request: blending_pb2.BlendTargetsRequest, context: grpc.ServicerContext
     ) -> blending_pb2.BlendTargetsResponse:
-        targets = blend_targets(
-            [
-                SourceFeatures(
-                    grams=wire.from_layer_tensors(source.grams, f"sources[{i}].grams"),
-                    features=wire.from_layer_tensors(source.features, f"sources[{i}].features"),
-                    style_weight=source.style_weight,
-                    content_weight=source.content_weight,
-                )
-                for i, source in enumerate(request.sources)
-            ]
-        )
+        sources = [
+            SourceFeatures(
+                grams=wire.from_layer_tensors(source.grams, f"sources[{i}].grams"),
+                features=wire.from_layer_tensors(source.features, f"sources[{i}].features"),
+                style_weight=source.style_weight,
+                content_weight=source.content_weight,
+                style_map=_mask(source.style_map, request, f"sources[{i}].style_map"),
+                content_map=_mask(source.content_map, request, f"sources[{i}].content_map"),
+            )
+            for i, source in enumerate(request.sources)
+        ]
+        regions = [
+            Region(
+                mask=images.to_mask(
+                    region.mask, request.width_px, request.height_px, f"regions[{k}].mask"
+                ),
+                style_weights=list(region.style_weights),
+            )
+            for k, region in enumerate(request.regions)
+        ]
+        targets = blend_targets(sources, regions, dict(request.layer_strides))
         return blending_pb2.BlendTargetsResponse(
-            grams=wire.to_layer_tensors(targets.grams),
+            channels=[channel_message(channel) for channel in targets.channels],
             features=wire.to_layer_tensors(targets.features),
-            style_scale=targets.style_scale,
-            content_scale=targets.content_scale,
+            content_weights=wire.to_layer_tensors(targets.content_weights),
         )
 
 

@@ -76,6 +76,7 @@ class GatewayConfig(ServiceConfig):
     max_iterations: int = Field(2000, ge=1)
     max_request_bytes: int = Field(64 * MiB, gt=0)
     max_image_pixels: int = Field(40_000_000, gt=0)
+    max_scales: int = Field(4, ge=1, description="most coarse-to-fine scales")
     upload_store_bytes: int = Field(256 * MiB, ge=0, description="memory for uploaded images")
     # Defaults for unset request fields.
     default_side_px: int = Field(256, ge=32)

@@ -1,25 +1,40 @@
-"""Domain errors. Cores raise these; one interceptor turns them into gRPC status codes."""
+"""Domain errors. Cores raise these; one interceptor turns them into gRPC status codes.
+
+`code` is the status each one maps to, in google.rpc.Code numbering.
+"""
 
 
 class StyleBlendError(Exception):
     """A failure a person can act on; its message is shown to them as it is."""
 
+    code = 2  # UNKNOWN
+
 
 class InvalidArgument(StyleBlendError):
     """Bad input: a corrupt image, a negative weight, an unknown layer."""
+
+    code = 3
 
 
 class ResourceExhausted(StyleBlendError):
     """Input over a configured limit."""
 
+    code = 8
+
 
 class FailedPrecondition(StyleBlendError):
     """The system is not in a state to do this, e.g. a model mismatch between services."""
+
+    code = 9
 
 
 class Unavailable(StyleBlendError):
     """An upstream service cannot be reached."""
 
+    code = 14
+
 
 class Unauthenticated(StyleBlendError):
     """No valid credentials."""
+
+    code = 16

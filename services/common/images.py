@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import hashlib
 import io
+import struct
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -92,6 +94,13 @@ def to_canvas(data: bytes, width: int, height: int, what: str = "image") -> np.n
     return np.asarray(image, dtype=np.float32) / 255.0
 
 
+def to_mask(data: bytes, width: int, height: int, what: str = "map") -> np.ndarray:
+    """A greyscale influence map over the canvas, H×W float32 in [0, 1], fitted like a source."""
+    image = decode(data, what).convert("L")
+    fitted = ImageOps.fit(image, (width, height), Image.Resampling.BILINEAR)
+    return np.asarray(fitted, dtype=np.float32) / 255.0
+
+
 def to_uint8(pixels: np.ndarray) -> np.ndarray:
     return (np.clip(pixels, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 
@@ -103,6 +112,15 @@ def encode(pixels: np.ndarray, fmt: str = "PNG", **options: object) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(pixels, "RGB").save(buffer, format=fmt, **options)
     return buffer.getvalue()
+
+
+def with_text(png: bytes, keyword: str, text: str) -> bytes:
+    """The PNG with an iTXt chunk added before IEND; the pixels are not touched."""
+    if not png.startswith(b"\x89PNG\r\n\x1a\n") or png[-12:-8] != b"\x00\x00\x00\x00":
+        raise ValueError("not a PNG that ends with IEND")
+    body = b"iTXt" + keyword.encode("latin-1") + b"\0\0\0\0\0" + text.encode("utf-8")
+    chunk = struct.pack(">I", len(body) - 4) + body + struct.pack(">I", zlib.crc32(body))
+    return png[:-12] + chunk + png[-12:]
 
 
 def encode_preview(pixels: np.ndarray) -> bytes:

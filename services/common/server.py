@@ -18,20 +18,11 @@ from services.common import errors
 
 log = logging.getLogger(__name__)
 
-_STATUS: dict[type[errors.StyleBlendError], grpc.StatusCode] = {
-    errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
-    errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
-    errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
-    errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
-}
+_STATUS = {code.value[0]: code for code in grpc.StatusCode}
 
 
 def status_of(error: errors.StyleBlendError) -> grpc.StatusCode:
-    for kind, code in _STATUS.items():
-        if isinstance(error, kind):
-            return code
-    return grpc.StatusCode.UNKNOWN
+    return _STATUS[error.code]
 
 
 def _abort(context: grpc.ServicerContext, error: Exception, method: str) -> None:

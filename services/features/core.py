@@ -12,7 +12,7 @@ import numpy as np
 import onnxruntime as ort
 from cachetools import LRUCache
 
-from services.common import images
+from services.common import colour, images
 from services.common.errors import FailedPrecondition, InvalidArgument
 from services.common.manifest import Manifest
 
@@ -37,6 +37,9 @@ def choose_providers(wanted: Sequence[str], available: Sequence[str]) -> list[st
             f"this ONNX Runtime offers {list(available)}"
         )
     return chosen
+
+
+COLOR_TRANSFORMS = ("", "luminance", "match")
 
 
 @dataclass(frozen=True)
@@ -66,8 +69,8 @@ class FeatureExtractor:
         )
         self.providers: list[str] = self.session.get_providers()
         log.info("model %s on ONNX Runtime, providers %s", self.manifest.model, self.providers)
-        # (image sha256, width, height, "gram" | "features", layer) -> array
-        self._cache: LRUCache[tuple[str, int, int, str, str], np.ndarray] = LRUCache(
+        # (image sha256, width, height, colour transform, "gram" | "features", layer) -> array
+        self._cache: LRUCache[tuple[str, int, int, str, str, str], np.ndarray] = LRUCache(
             maxsize=cache_bytes, getsizeof=lambda array: array.nbytes
         )
         self._lock = threading.Lock()
@@ -88,20 +91,40 @@ class FeatureExtractor:
         height: int,
         gram_layers: Sequence[str],
         feature_layers: Sequence[str],
+        color: str = "",
+        color_reference: bytes = b"",
     ) -> Extraction:
+        """`color` ("luminance" or "match") first transforms the image against the reference."""
+        if color not in COLOR_TRANSFORMS:
+            raise InvalidArgument(f"color: {color!r} is not one of {COLOR_TRANSFORMS[1:]}")
+        if color and not color_reference:
+            raise InvalidArgument(f"color {color} needs color_reference, the content image")
         self.check_layers(gram_layers, "gram_layers")
         self.check_layers(feature_layers, "feature_layers")
         if min(width, height) < MIN_SIDE_PX:
             raise InvalidArgument(
                 f"size {width}×{height}: each side must be at least {MIN_SIDE_PX}"
             )
-        digest = images.sha256(image)
+        key = (
+            images.sha256(image),
+            width,
+            height,
+            color and f"{color}:{images.sha256(color_reference)}",
+        )
         wanted = [("gram", name) for name in gram_layers]
         wanted += [("features", name) for name in feature_layers]
-        found = self._lookup(digest, width, height, wanted)
+        found = self._lookup(key, wanted)
         missing = [(kind, name) for kind, name in wanted if (kind, name) not in found]
         if missing:
-            found.update(self._run(image, digest, width, height, missing))
+            pixels = images.to_canvas(image, width, height)
+            if color:
+                reference = images.to_canvas(color_reference, width, height, "color_reference")
+                pixels = (
+                    colour.luminance(pixels, reference)
+                    if color == "luminance"
+                    else colour.match_colour(pixels, reference)
+                )
+            found.update(self._run(pixels, key, missing))
         return Extraction(
             grams={name: found[("gram", name)] for name in gram_layers},
             features={name: found[("features", name)] for name in feature_layers},
@@ -109,19 +132,18 @@ class FeatureExtractor:
         )
 
     def _lookup(
-        self, digest: str, width: int, height: int, wanted: list[tuple[str, str]]
+        self, key: tuple[str, int, int, str], wanted: list[tuple[str, str]]
     ) -> dict[tuple[str, str], np.ndarray]:
         with self._lock:
             return {
-                (kind, name): self._cache[(digest, width, height, kind, name)]
+                (kind, name): self._cache[(*key, kind, name)]
                 for kind, name in wanted
-                if (digest, width, height, kind, name) in self._cache
+                if (*key, kind, name) in self._cache
             }
 
     def _run(
-        self, image: bytes, digest: str, width: int, height: int, wanted: list[tuple[str, str]]
+        self, pixels: np.ndarray, key: tuple[str, int, int, str], wanted: list[tuple[str, str]]
     ) -> dict[tuple[str, str], np.ndarray]:
-        pixels = images.to_canvas(image, width, height)
         batch = np.ascontiguousarray(pixels.transpose(2, 0, 1)[None])
         layers = sorted({name for _, name in wanted})
         outputs = dict(
@@ -134,5 +156,5 @@ class FeatureExtractor:
         with self._lock:
             for (kind, name), array in results.items():
                 if array.nbytes <= self._cache.maxsize:
-                    self._cache[(digest, width, height, kind, name)] = array
+                    self._cache[(*key, kind, name)] = array
         return results

@@ -9,6 +9,12 @@ from services.common import wire
 from services.common.server import Servicer
 from services.features.core import FeatureExtractor
 
+_COLOR_TRANSFORMS = {
+    features_pb2.COLOR_TRANSFORM_UNSPECIFIED: "",
+    features_pb2.COLOR_TRANSFORM_LUMINANCE: "luminance",
+    features_pb2.COLOR_TRANSFORM_MATCH: "match",
+}
+
 
 class FeaturesServicer(features_pb2_grpc.FeaturesServiceServicer):
     def __init__(self, extractor: FeatureExtractor) -> None:
@@ -23,6 +29,8 @@ class FeaturesServicer(features_pb2_grpc.FeaturesServiceServicer):
             request.height_px,
             list(request.gram_layers),
             list(request.feature_layers),
+            _COLOR_TRANSFORMS.get(request.color, "?"),
+            request.color_reference,
         )
         return features_pb2.ExtractResponse(
             grams=wire.to_layer_tensors(extraction.grams),

@@ -1,7 +1,8 @@
-"""Every check of a public BlendRequest, before any work starts, resolved into a Plan."""
+"""Every check of a public BlendRequest or SessionUpdate, before any work, resolved into a Plan."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import secrets
 from collections.abc import Callable, Sequence
@@ -16,34 +17,63 @@ from services.common.errors import InvalidArgument, ResourceExhausted
 from services.common.manifest import Manifest
 
 MIN_SIDE_PX = 32
+AUTO_SCALE_SIDE_PX = 256  # coarse-to-fine adds a scale for each doubling above this
+STYLE_SCALE_RANGE = (0.25, 4.0)
+
+Uploads = Callable[[str], bytes | None]
+
+
+@dataclass(frozen=True)
+class PlannedImage:
+    data: bytes
+    sha256: str
+    header: images.ImageHeader
 
 
 @dataclass(frozen=True)
 class PlannedSource:
-    data: bytes
-    sha256: str
-    header: images.ImageHeader
+    image: PlannedImage
     style_weight: float
     content_weight: float
+    style_map: PlannedImage | None = None
+    content_map: PlannedImage | None = None
+
+
+@dataclass(frozen=True)
+class PlannedRegion:
+    mask: PlannedImage
+    style_weights: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class Scale:
+    width: int
+    height: int
+    iterations: int
 
 
 @dataclass(frozen=True)
 class Plan:
     sources: tuple[PlannedSource, ...]
-    width: int  # canvas
-    height: int
+    regions: tuple[PlannedRegion, ...]
+    scales: tuple[Scale, ...]  # coarsest first; the last is the canvas
     style_layers: tuple[str, ...]
     content_layers: tuple[str, ...]
-    iterations: int
     optimizer: int  # styleblend_pb2.Optimizer
     content_loss_weight: float
     style_loss_weight: float
     tv_loss_weight: float
     init: int  # styleblend_pb2.Init
-    init_image: bytes
+    init_image: PlannedImage | None
     seed: int
     preview_every: int
     learning_rate: float
+    preserve_color: int  # styleblend_pb2.PreserveColor
+    style_scale: float
+
+    @property
+    def canvas(self) -> Scale:
+        return self.scales[-1]
 
     @property
     def content_source(self) -> PlannedSource | None:
@@ -51,11 +81,10 @@ class Plan:
         best = max(self.sources, key=lambda s: s.content_weight)
         return best if best.content_weight > 0 else None
 
-    def style_size(self, source: PlannedSource) -> tuple[int, int]:
-        """Style images are seen at the canvas's longest side, keeping their own aspect ratio."""
-        return images.fit_inside(
-            source.header.width, source.header.height, max(self.width, self.height)
-        )
+    def style_size(self, source: PlannedSource, scale: Scale) -> tuple[int, int]:
+        """A style image keeps its aspect ratio; its longest side is the canvas's × style_scale."""
+        side = max(MIN_SIDE_PX, round(max(scale.width, scale.height) * self.style_scale))
+        return images.fit_inside(source.image.header.width, source.image.header.height, side)
 
 
 def _weight(value: float, field: str, *, positive: bool = False) -> float:
@@ -74,6 +103,11 @@ def _bounded(value: int, default: int, limit: int, field: str, minimum: int = 1)
     return value
 
 
+def _enum(value: int, enum: Any, field: str) -> None:
+    if value not in enum.values():
+        raise InvalidArgument(f"{field}: {value} is not one of {', '.join(enum.keys()[1:])}")
+
+
 def _layers(
     requested: Sequence[str], default: Sequence[str], manifest: Manifest, field: str
 ) -> tuple[str, ...]:
@@ -89,63 +123,143 @@ def _layers(
     return layers
 
 
-def _enum(value: int, enum: Any, field: str) -> None:
-    if value not in enum.values():
-        raise InvalidArgument(f"{field}: {value} is not one of {', '.join(enum.keys()[1:])}")
+class Images:
+    """Resolves image fields (bytes or an upload id) and checks their headers."""
+
+    def __init__(self, uploads: Uploads, config: GatewayConfig) -> None:
+        self.uploads = uploads
+        self.config = config
+
+    def __call__(self, message: Any, field: str, what: str = "image") -> PlannedImage:
+        which = message.WhichOneof("image")
+        if which is None:
+            raise InvalidArgument(f"{field}: no {what}; set `data` or `upload_id`")
+        if which == "upload_id":
+            data = self.uploads(message.upload_id)
+            if data is None:
+                raise InvalidArgument(
+                    f"{field}.upload_id: no upload {message.upload_id!r} (unknown or expired); "
+                    "upload the image again"
+                )
+        else:
+            data = message.data
+        header = images.probe(data, f"{field} {what}", self.config.max_image_pixels)
+        return PlannedImage(data, images.sha256(data), header)
+
+    def optional(self, parent: Any, name: str, field: str) -> PlannedImage | None:
+        return self(getattr(parent, name), f"{field}.{name}") if parent.HasField(name) else None
 
 
-def _source(
-    index: int,
-    source: styleblend_pb2.Source,
-    uploads: Callable[[str], bytes | None],
-    config: GatewayConfig,
-) -> PlannedSource:
+def _source(index: int, source: styleblend_pb2.Source, resolve: Images) -> PlannedSource:
     field = f"sources[{index}]"
-    which = source.WhichOneof("image")
-    if which is None:
-        raise InvalidArgument(f"{field}: no image; set `data` or `upload_id`")
-    if which == "upload_id":
-        data = uploads(source.upload_id)
-        if data is None:
-            raise InvalidArgument(
-                f"{field}.upload_id: no upload {source.upload_id!r} (unknown or expired); "
-                "upload the image again"
-            )
-    else:
-        data = source.data
-    header = images.probe(data, f"{field} image", config.max_image_pixels)
+    image = resolve(source, field)
     for name in ("style_weight", "content_weight"):
         if not source.HasField(name):
             raise InvalidArgument(f"{field}.{name} is missing")
     return PlannedSource(
-        data=data,
-        sha256=images.sha256(data),
-        header=header,
+        image=image,
         style_weight=_weight(source.style_weight, f"{field}.style_weight"),
         content_weight=_weight(source.content_weight, f"{field}.content_weight"),
+        style_map=resolve.optional(source, "style_map", field),
+        content_map=resolve.optional(source, "content_map", field),
     )
+
+
+def _regions(
+    regions: Sequence[styleblend_pb2.Region], sources: int, resolve: Images
+) -> tuple[PlannedRegion, ...]:
+    planned = []
+    for k, region in enumerate(regions):
+        field = f"regions[{k}]"
+        if not region.HasField("mask"):
+            raise InvalidArgument(f"{field}.mask is missing")
+        if len(region.style_weights) != sources:
+            raise InvalidArgument(
+                f"{field}.style_weights: {len(region.style_weights)} weights for {sources} sources"
+            )
+        weights = tuple(
+            _weight(w, f"{field}.style_weights[{i}]") for i, w in enumerate(region.style_weights)
+        )
+        planned.append(PlannedRegion(resolve(region.mask, f"{field}.mask"), weights))
+    return tuple(planned)
+
+
+def _check_blend(
+    sources: Sequence[PlannedSource], regions: Sequence[PlannedRegion], preserve_color: int
+) -> None:
+    """What every plan, first or updated, must satisfy."""
+    if regions and any(s.style_map is not None for s in sources):
+        raise InvalidArgument("regions and per-source style maps cannot be combined; use one")
+    styled = any(s.style_weight > 0 for s in sources) or any(
+        sum(r.style_weights) > 0 for r in regions
+    )
+    if not styled and not any(s.content_weight > 0 for s in sources):
+        raise InvalidArgument("every style_weight and content_weight is 0: nothing to blend")
+    if preserve_color and not any(s.content_weight > 0 for s in sources):
+        raise InvalidArgument(
+            "preserve_color needs a source with a content_weight > 0 to take colours from"
+        )
+
+
+def plan_scales(
+    request: styleblend_pb2.BlendRequest, width: int, height: int, config: GatewayConfig
+) -> tuple[Scale, ...]:
+    """Sizes halve from the canvas down; iterations are given per scale or split evenly."""
+    side = max(width, height)
+    auto = 1 + max(0, math.ceil(math.log2(side / AUTO_SCALE_SIDE_PX)))
+    count = _bounded(request.scales, auto, config.max_scales, "scales")
+    sizes = [(round(width / 2**k), round(height / 2**k)) for k in reversed(range(count))]
+    if min(sizes[0]) < MIN_SIDE_PX:
+        raise InvalidArgument(
+            f"scales: {count} scales make the coarsest {sizes[0][0]}×{sizes[0][1]}, "
+            f"under {MIN_SIDE_PX} px; use fewer scales"
+        )
+    if request.iterations_per_scale:
+        per_scale = list(request.iterations_per_scale)
+        if len(per_scale) != count:
+            raise InvalidArgument(
+                f"iterations_per_scale: {len(per_scale)} entries for {count} scales"
+            )
+        if min(per_scale) < 1:
+            raise InvalidArgument(f"iterations_per_scale: each must be >= 1, got {per_scale}")
+        if sum(per_scale) > config.max_iterations:
+            raise ResourceExhausted(
+                f"iterations_per_scale: {sum(per_scale)} in all is over the limit of "
+                f"{config.max_iterations}"
+            )
+    else:
+        total = _bounded(
+            request.iterations, config.default_iterations, config.max_iterations, "iterations"
+        )
+        if total < count:
+            raise InvalidArgument(f"iterations: {total} cannot cover {count} scales")
+        per_scale = [total // count] * count
+        per_scale[-1] += total - sum(per_scale)
+    return tuple(Scale(w, h, n) for (w, h), n in zip(sizes, per_scale, strict=True))
 
 
 def plan_blend(
     request: styleblend_pb2.BlendRequest,
     manifest: Manifest,
     config: GatewayConfig,
-    uploads: Callable[[str], bytes | None],
+    uploads: Uploads,
 ) -> Plan:
     count = len(request.sources)
     if count == 0:
         raise InvalidArgument("sources: at least one source is needed")
     if count > config.max_sources:
         raise ResourceExhausted(f"sources: {count} is over the limit of {config.max_sources}")
-    sources = tuple(_source(i, s, uploads, config) for i, s in enumerate(request.sources))
-    if not any(s.style_weight > 0 or s.content_weight > 0 for s in sources):
-        raise InvalidArgument("every style_weight and content_weight is 0: nothing to blend")
+    resolve = Images(uploads, config)
+    sources = tuple(_source(i, s, resolve) for i, s in enumerate(request.sources))
+    regions = _regions(request.regions, count, resolve)
+    _enum(request.preserve_color, styleblend_pb2.PreserveColor, "preserve_color")
+    _check_blend(sources, regions, request.preserve_color)
 
     side = _bounded(
         request.max_side_px, config.default_side_px, config.max_side_px, "max_side_px", MIN_SIDE_PX
     )
-    canvas_source = max(sources, key=lambda s: s.content_weight)
-    width, height = images.fit_inside(canvas_source.header.width, canvas_source.header.height, side)
+    canvas_source = max(sources, key=lambda s: s.content_weight).image.header
+    width, height = images.fit_inside(canvas_source.width, canvas_source.height, side)
     if min(width, height) < MIN_SIDE_PX:
         raise InvalidArgument(
             f"max_side_px {side} makes a {width}×{height} canvas for this aspect ratio; "
@@ -155,48 +269,85 @@ def plan_blend(
     _enum(request.optimizer, styleblend_pb2.Optimizer, "optimizer")
     _enum(request.init, styleblend_pb2.Init, "init")
     init = request.init or styleblend_pb2.INIT_CONTENT
+    init_image = None
     if init == styleblend_pb2.INIT_IMAGE:
         if not request.init_image:
             raise InvalidArgument("init_image is required when init is INIT_IMAGE")
-        images.probe(request.init_image, "init_image", config.max_image_pixels)
+        data = request.init_image
+        init_image = PlannedImage(
+            data, images.sha256(data), images.probe(data, "init_image", config.max_image_pixels)
+        )
     elif request.init_image:
         raise InvalidArgument("init_image is set but init is not INIT_IMAGE")
+
+    style_scale = _optional(request, "style_scale", 1.0, positive=True)
+    low, high = STYLE_SCALE_RANGE
+    if not low <= style_scale <= high:
+        raise InvalidArgument(f"style_scale must be within {low}..{high}, got {style_scale}")
 
     defaults = manifest.loss_defaults
     return Plan(
         sources=sources,
-        width=width,
-        height=height,
+        regions=regions,
+        scales=plan_scales(request, width, height, config),
         style_layers=_layers(
             request.style_layers, manifest.default_style_layers, manifest, "style_layers"
         ),
         content_layers=_layers(
             request.content_layers, manifest.default_content_layers, manifest, "content_layers"
         ),
-        iterations=_bounded(
-            request.iterations, config.default_iterations, config.max_iterations, "iterations"
-        ),
         optimizer=request.optimizer or styleblend_pb2.OPTIMIZER_LBFGS,
         content_loss_weight=_optional(request, "content_loss_weight", defaults.content),
         style_loss_weight=_optional(request, "style_loss_weight", defaults.style),
         tv_loss_weight=_optional(request, "tv_loss_weight", defaults.tv),
         init=init,
-        init_image=request.init_image,
+        init_image=init_image,
         seed=request.seed if request.HasField("seed") else secrets.randbits(63),
         preview_every=request.preview_every or config.default_preview_every,
-        learning_rate=_weight(
-            request.learning_rate
-            if request.HasField("learning_rate")
-            else config.default_learning_rate,
-            "learning_rate",
-            positive=True,
+        learning_rate=_optional(
+            request, "learning_rate", config.default_learning_rate, positive=True
         ),
+        preserve_color=request.preserve_color,
+        style_scale=style_scale,
     )
 
 
-def _optional(
-    request: styleblend_pb2.BlendRequest, field: str, default: float, *, positive: bool = False
-) -> float:
-    if not request.HasField(field):  # type: ignore[arg-type]
+def _optional(message: Any, field: str, default: float, *, positive: bool = False) -> float:
+    if not message.HasField(field):
         return default
-    return _weight(getattr(request, field), field, positive=positive)
+    return _weight(getattr(message, field), field, positive=positive)
+
+
+def apply_update(
+    plan: Plan, update: styleblend_pb2.SessionUpdate, config: GatewayConfig, uploads: Uploads
+) -> Plan:
+    """The plan with a session update applied, checked as a new request would be."""
+    resolve = Images(uploads, config)
+    sources = list(plan.sources)
+    for change in update.sources:
+        field = f"update.sources[{change.index}]"
+        if change.index >= len(sources):
+            raise InvalidArgument(f"{field}: no such source; the session has {len(sources)}")
+        source = sources[change.index]
+        changes: dict[str, Any] = {}
+        for name in ("style_weight", "content_weight"):
+            if change.HasField(name):
+                changes[name] = _weight(getattr(change, name), f"{field}.{name}")
+        for name in ("style_map", "content_map"):
+            if getattr(change, f"clear_{name}"):
+                changes[name] = None
+            elif change.HasField(name):  # type: ignore[arg-type]
+                changes[name] = resolve(getattr(change, name), f"{field}.{name}")
+        sources[change.index] = dataclasses.replace(source, **changes)
+    regions = plan.regions
+    if update.HasField("regions"):
+        regions = _regions(update.regions.regions, len(sources), resolve)
+    _check_blend(sources, regions, plan.preserve_color)
+    return dataclasses.replace(
+        plan,
+        sources=tuple(sources),
+        regions=regions,
+        content_loss_weight=_optional(update, "content_loss_weight", plan.content_loss_weight),
+        style_loss_weight=_optional(update, "style_loss_weight", plan.style_loss_weight),
+        tv_loss_weight=_optional(update, "tv_loss_weight", plan.tv_loss_weight),
+    )

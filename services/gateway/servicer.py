@@ -10,7 +10,8 @@ from styleblend.v1 import styleblend_pb2, styleblend_pb2_grpc
 
 from services.common.errors import InvalidArgument
 from services.common.server import Servicer
-from services.gateway.core import BlendRun, Gateway
+from services.gateway.core import Gateway
+from services.gateway.run import BlendRun
 
 
 class StyleBlendServicer(styleblend_pb2_grpc.StyleBlendServicer):
@@ -59,6 +60,10 @@ def follow(request_iterator: Iterator[styleblend_pb2.SessionRequest], run: Blend
         for request in request_iterator:
             if request.HasField("finish"):
                 run.finish()
+            elif request.HasField("update"):
+                run.update(request.update)
+            elif request.HasField("start"):
+                run.reject_start()
     except grpc.RpcError:
         run.cancel()
 

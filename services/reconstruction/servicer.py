@@ -6,6 +6,7 @@ thread that streams to the caller, so it never slows an iteration down.
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 from collections.abc import Iterator
@@ -16,37 +17,77 @@ from styleblend.internal.v1 import reconstruction_pb2, reconstruction_pb2_grpc
 from styleblend.v1 import styleblend_pb2
 
 from services.common import images, wire
-from services.common.errors import FailedPrecondition, InvalidArgument
+from services.common.errors import FailedPrecondition, InvalidArgument, StyleBlendError
 from services.common.manifest import Manifest
 from services.common.server import Servicer
 from services.reconstruction import core
 
 _OPTIMIZERS = {styleblend_pb2.OPTIMIZER_LBFGS: "lbfgs", styleblend_pb2.OPTIMIZER_ADAM: "adam"}
 _DONE = object()
+log = logging.getLogger(__name__)
+
+
+def to_scale(message: reconstruction_pb2.ScaleTargets, index: int) -> core.ScaleTargets:
+    what = f"scales[{index}]"
+    return core.ScaleTargets(
+        width=message.width_px,
+        height=message.height_px,
+        iterations=message.iterations,
+        channels=[
+            core.StyleChannel(
+                mask=wire.from_tensor(c.mask, f"{what}.channels[{k}].mask")
+                if c.HasField("mask")
+                else None,
+                grams=wire.from_layer_tensors(c.grams, f"{what}.channels[{k}].grams"),
+                scale=c.scale,
+            )
+            for k, c in enumerate(message.channels)
+        ],
+        features=wire.from_layer_tensors(message.features, f"{what}.features"),
+        content_weights=wire.from_layer_tensors(message.content_weights, f"{what}.content_weights"),
+    )
 
 
 def to_job(start: reconstruction_pb2.ReconstructJob) -> core.Job:
     if start.optimizer not in _OPTIMIZERS:
         raise InvalidArgument(f"optimizer: {start.optimizer} is not LBFGS or ADAM")
+    scales = [to_scale(scale, i) for i, scale in enumerate(start.scales)]
+    if not scales:
+        raise InvalidArgument("scales: at least one scale is needed")
+    first = scales[0]
     init = None
     if start.init_image:
-        init = images.to_canvas(start.init_image, start.width_px, start.height_px, "init_image")
+        init = images.to_canvas(start.init_image, first.width, first.height, "init_image")
+    colour = None
+    if start.preserve_color == styleblend_pb2.PRESERVE_COLOR_LUMINANCE:
+        if not start.color_image:
+            raise InvalidArgument("color_image is required with PRESERVE_COLOR_LUMINANCE")
+        colour = [
+            images.to_canvas(start.color_image, scale.width, scale.height, "color_image")
+            for scale in scales
+        ]
     return core.Job(
-        grams=wire.from_layer_tensors(start.grams, "grams"),
-        features=wire.from_layer_tensors(start.features, "features"),
-        style_scale=start.style_scale,
-        content_scale=start.content_scale,
-        width=start.width_px,
-        height=start.height_px,
-        iterations=start.iterations,
+        scales=scales,
         optimizer=_OPTIMIZERS[start.optimizer],
-        content_weight=start.content_loss_weight,
-        style_weight=start.style_loss_weight,
-        tv_weight=start.tv_loss_weight,
+        loss_weights=core.LossWeights(
+            start.content_loss_weight, start.style_loss_weight, start.tv_loss_weight
+        ),
         init=init,
         seed=start.seed,
         preview_every=start.preview_every,
         learning_rate=start.learning_rate,
+        colour=colour,
+    )
+
+
+def to_update(message: reconstruction_pb2.ReconstructUpdate) -> core.Update:
+    return core.Update(
+        update_id=message.update_id,
+        scales=[to_scale(scale, i) for i, scale in enumerate(message.scales)],
+        loss_weights=core.LossWeights(
+            message.content_loss_weight, message.style_loss_weight, message.tv_loss_weight
+        ),
+        at_iteration=message.at_iteration,
     )
 
 
@@ -62,10 +103,14 @@ def event_message(event: core.Event) -> styleblend_pb2.BlendEvent:
             progress=styleblend_pb2.Progress(
                 iteration=event.iteration,
                 iterations_total=event.iterations_total,
-                scale=0,
-                scales_total=1,
+                scale=event.scale,
+                scales_total=event.scales_total,
                 losses=losses_message(event.losses),
                 iterations_per_second=event.iterations_per_second,
+                update_id=event.update_id,
+                update_iteration=event.update_iteration,
+                width_px=event.width,
+                height_px=event.height,
             )
         )
     height, width = event.pixels.shape[:2]
@@ -122,6 +167,7 @@ class ReconstructionServicer(reconstruction_pb2_grpc.ReconstructionServiceServic
         self.net = net
         self.manifest = manifest
         self.device = device
+        self.strides = {layer.name: layer.stride for layer in manifest.layers}
 
     def Reconstruct(
         self,
@@ -136,7 +182,7 @@ class ReconstructionServicer(reconstruction_pb2_grpc.ReconstructionServiceServic
         control = core.Control()
         context.add_callback(control.cancel.set)
         threading.Thread(target=follow, args=(request_iterator, control), daemon=True).start()
-        events = core.reconstruct(self.net, job, control, self.device)
+        events = core.reconstruct(self.net, job, control, self.device, self.strides)
         for event in in_background(events, control):
             yield reconstruction_pb2.ReconstructResponse(event=event_message(event))
 
@@ -167,6 +213,13 @@ def follow(
         for request in request_iterator:
             if request.HasField("finish"):
                 control.finish.set()
+            elif request.HasField("hold"):
+                control.updates.hold(request.hold.update_id, request.hold.at_iteration)
+            elif request.HasField("update"):
+                try:
+                    control.updates.post(to_update(request.update))
+                except StyleBlendError:  # the gateway checks updates; this one slipped through
+                    log.exception("update %d dropped", request.update.update_id)
     except grpc.RpcError:
         control.cancel.set()
 

@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from services.blending.core import SourceFeatures, blend_targets
+from services.blending.core import Region, SourceFeatures, blend_targets
 from services.common.errors import InvalidArgument
 
 rng = np.random.default_rng(0)
@@ -19,22 +19,26 @@ def source(style: float, content: float, seed: int) -> SourceFeatures:
     )
 
 
+STRIDES = {"relu4_2": 8}
+
+
 def test_targets_are_weighted_means_with_their_scales() -> None:
     sources = [source(0.7, 1.0, 1), source(0.3, 0.0, 2), source(0.0, 3.0, 3)]
-    targets = blend_targets(sources)
-    assert targets.style_scale == pytest.approx(1.0)
-    assert targets.content_scale == pytest.approx(4.0)
+    targets = blend_targets(sources, strides=STRIDES)
+    [channel] = targets.channels
+    assert channel.mask is None and channel.scale == pytest.approx(1.0)
     for layer in ("relu1_1", "relu2_1"):
         expected = 0.7 * sources[0].grams[layer] + 0.3 * sources[1].grams[layer]
-        np.testing.assert_allclose(targets.grams[layer], expected, rtol=1e-6)
+        np.testing.assert_allclose(channel.grams[layer], expected, rtol=1e-6)
     expected = (1.0 * sources[0].features["relu4_2"] + 3.0 * sources[2].features["relu4_2"]) / 4
     np.testing.assert_allclose(targets.features["relu4_2"], expected, rtol=1e-6)
+    np.testing.assert_allclose(targets.content_weights["relu4_2"], 4.0)
 
 
 def test_weighted_sum_of_losses_equals_scaled_loss_against_the_blend() -> None:
     """Σᵢ sᵢ‖G − Gᵢ‖² = (Σ sᵢ)‖G − G*‖² + const, for any G (DESIGN.md)."""
     sources = [source(w, 0.0, seed) for seed, w in enumerate([0.2, 1.5, 0.8])]
-    blended = blend_targets(sources).grams["relu2_1"].astype(np.float64)
+    blended = blend_targets(sources).channels[0].grams["relu2_1"].astype(np.float64)
     weights = np.array([s.style_weight for s in sources])
     grams = [s.grams["relu2_1"].astype(np.float64) for s in sources]
 
@@ -53,7 +57,7 @@ def test_weighted_sum_of_losses_equals_scaled_loss_against_the_blend() -> None:
 
 def test_zero_content_weights_drop_the_content_term() -> None:
     targets = blend_targets([source(1.0, 0.0, 1), source(2.0, 0.0, 2)])
-    assert targets.features == {} and targets.content_scale == 0.0
+    assert targets.features == {} and targets.content_weights == {}
 
 
 @pytest.mark.parametrize(
@@ -66,7 +70,7 @@ def test_zero_content_weights_drop_the_content_term() -> None:
 )
 def test_bad_weights_are_named(style: float, content: float, message: str) -> None:
     with pytest.raises(InvalidArgument, match=message):
-        blend_targets([source(1.0, 1.0, 1), source(style, content, 2)])
+        blend_targets([source(1.0, 1.0, 1), source(style, content, 2)], strides=STRIDES)
 
 
 def test_all_zero_is_refused() -> None:
@@ -79,3 +83,56 @@ def test_mismatched_shapes_are_refused() -> None:
     odd = SourceFeatures({**odd.grams, "relu1_1": np.zeros((5, 5), np.float32)}, {}, 1.0, 0.0)
     with pytest.raises(InvalidArgument, match=r"grams\[relu1_1\]: shapes differ"):
         blend_targets([source(1.0, 0.0, 1), odd])
+
+
+def halves(width: int = 40, height: int = 24) -> tuple[np.ndarray, np.ndarray]:
+    left = np.zeros((height, width), np.float32)
+    left[:, : width // 2] = 1.0
+    return left, 1.0 - left
+
+
+def test_a_mapped_source_gets_a_channel_of_its_own() -> None:
+    left, _ = halves()
+    everywhere, mapped = source(1.0, 0.0, 1), source(2.0, 0.0, 2)
+    mapped = SourceFeatures(mapped.grams, {}, 2.0, 0.0, style_map=left)
+    channels = blend_targets([everywhere, mapped]).channels
+    assert [(c.mask is None, c.scale) for c in channels] == [(True, 1.0), (False, 2.0)]
+    np.testing.assert_array_equal(channels[1].mask, left)
+    np.testing.assert_allclose(channels[1].grams["relu1_1"], mapped.grams["relu1_1"])
+
+
+def test_regions_blend_their_own_weights() -> None:
+    left, right = halves()
+    a, b = source(0.0, 0.0, 1), source(0.0, 1.0, 2)
+    regions = [Region(left, [1.0, 0.0]), Region(right, [0.25, 0.75])]
+    channels = blend_targets([a, b], regions, STRIDES).channels
+    assert [c.scale for c in channels] == [1.0, 1.0]
+    expected = 0.25 * a.grams["relu2_1"] + 0.75 * b.grams["relu2_1"]
+    np.testing.assert_allclose(channels[1].grams["relu2_1"], expected, rtol=1e-6)
+    with pytest.raises(
+        InvalidArgument, match=r"regions\[0\]\.style_weights: 1 weights for 2 sources"
+    ):
+        blend_targets([a, b], [Region(left, [1.0])], STRIDES)
+    mapped = SourceFeatures(a.grams, {}, 1.0, 0.0, style_map=left)
+    with pytest.raises(InvalidArgument, match="cannot be combined"):
+        blend_targets([mapped, b], regions, STRIDES)
+
+
+def test_content_maps_split_the_canvas() -> None:
+    """Left half from one photo, right half from the other: F* takes each where its map is."""
+    left, right = halves(40, 24)  # relu4_2 at stride 8: 5×3 cells
+    a_features = {"relu4_2": np.random.default_rng(5).random((16, 3, 5), np.float32)}
+    b_features = {"relu4_2": np.random.default_rng(6).random((16, 3, 5), np.float32)}
+    a = SourceFeatures({}, a_features, 0.0, 2.0, content_map=left)
+    b = SourceFeatures({}, b_features, 0.0, 1.0, content_map=right)
+    targets = blend_targets([a, b], strides=STRIDES)
+    f, w = targets.features["relu4_2"], targets.content_weights["relu4_2"]
+    np.testing.assert_allclose(f[:, :, :2], a_features["relu4_2"][:, :, :2], rtol=1e-6)
+    np.testing.assert_allclose(f[:, :, 3:], b_features["relu4_2"][:, :, 3:], rtol=1e-6)
+    # The middle column straddles the edge: half of each, weighted by their content weights.
+    mixed = (
+        2.0 * 0.5 * a_features["relu4_2"][:, :, 2] + 0.5 * b_features["relu4_2"][:, :, 2]
+    ) / 1.5
+    np.testing.assert_allclose(f[:, :, 2], mixed, rtol=1e-5)
+    np.testing.assert_allclose(w[:, 0], 2.0)
+    np.testing.assert_allclose(w[:, 2], 1.5)

@@ -78,3 +78,11 @@ def test_fit_inside_keeps_aspect() -> None:
 def test_encode_round_trip() -> None:
     pixels = (np.random.default_rng(1).random((16, 24, 3)) * 255).astype(np.uint8)
     np.testing.assert_array_equal(np.asarray(images.decode(images.encode(pixels))), pixels)
+
+
+def test_text_chunk_is_added_without_touching_the_pixels() -> None:
+    pixels = (np.random.default_rng(2).random((8, 8, 3)) * 255).astype(np.uint8)
+    png = images.with_text(images.encode(pixels), "styleblend", '{"model": "vgg19", "é": 1}')
+    image = Image.open(io.BytesIO(png))
+    assert image.text["styleblend"] == '{"model": "vgg19", "é": 1}'  # type: ignore[attr-defined]
+    np.testing.assert_array_equal(np.asarray(image), pixels)

@@ -1,0 +1,94 @@
+"""The recipe of a result: the fully resolved request, with every image named by its sha256.
+
+Images appear as `upload_id`s (an upload's id is its sha256), so a client replays a recipe by
+uploading the same files and sending the request as it stands.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+
+from google.protobuf.json_format import MessageToDict
+from styleblend.v1 import styleblend_pb2
+
+from services.common import images
+from services.common.manifest import Manifest
+from services.gateway.plan import Plan, PlannedImage
+
+RECIPE_KEY = "styleblend:recipe"  # the PNG text chunk's keyword
+
+
+def _map(image: PlannedImage | None) -> styleblend_pb2.InfluenceMap | None:
+    return None if image is None else styleblend_pb2.InfluenceMap(upload_id=image.sha256)
+
+
+def resolved_request(plan: Plan) -> styleblend_pb2.BlendRequest:
+    """The request that makes this plan again on any gateway, whatever its defaults."""
+    return styleblend_pb2.BlendRequest(
+        sources=[
+            styleblend_pb2.Source(
+                upload_id=s.image.sha256,
+                style_weight=s.style_weight,
+                content_weight=s.content_weight,
+                style_map=_map(s.style_map),
+                content_map=_map(s.content_map),
+            )
+            for s in plan.sources
+        ],
+        regions=[
+            styleblend_pb2.Region(mask=_map(r.mask), style_weights=r.style_weights)
+            for r in plan.regions
+        ],
+        max_side_px=max(plan.canvas.width, plan.canvas.height),
+        scales=len(plan.scales),
+        iterations_per_scale=[scale.iterations for scale in plan.scales],
+        optimizer=plan.optimizer,  # type: ignore[arg-type]
+        style_layers=plan.style_layers,
+        content_layers=plan.content_layers,
+        content_loss_weight=plan.content_loss_weight,
+        style_loss_weight=plan.style_loss_weight,
+        tv_loss_weight=plan.tv_loss_weight,
+        init=plan.init,  # type: ignore[arg-type]
+        seed=plan.seed,
+        preview_every=plan.preview_every,
+        learning_rate=plan.learning_rate,
+        preserve_color=plan.preserve_color,  # type: ignore[arg-type]
+        style_scale=plan.style_scale,
+    )
+
+
+def by_reference(update: styleblend_pb2.SessionUpdate) -> styleblend_pb2.SessionUpdate:
+    """The update with every map's bytes replaced by their sha256 as an upload id."""
+    copy = styleblend_pb2.SessionUpdate()
+    copy.CopyFrom(update)
+    maps = [m for s in copy.sources for m in (s.style_map, s.content_map)]
+    maps += [r.mask for r in copy.regions.regions]
+    for image in maps:
+        if image.WhichOneof("image") == "data":
+            image.upload_id = images.sha256(image.data)
+    return copy
+
+
+def recipe_json(
+    plan: Plan,
+    first: Plan,
+    manifest: Manifest,
+    updates: Sequence[tuple[int, styleblend_pb2.SessionUpdate]],
+) -> str:
+    """`first` is the plan the run started with; `updates` are (iteration, update) as applied."""
+    recipe = {
+        "model": manifest.model,
+        "weights_sha256": manifest.weights_sha256,
+        "canvas": [plan.canvas.width, plan.canvas.height],
+        "request": MessageToDict(resolved_request(first), preserving_proto_field_name=True),
+        "init_image_sha256": first.init_image.sha256 if first.init_image else None,
+        "updates": [
+            {
+                **MessageToDict(by_reference(update), preserving_proto_field_name=True),
+                "at_iteration": iteration,
+            }
+            for iteration, update in updates
+        ],
+    }
+    return json.dumps(recipe, indent=2)

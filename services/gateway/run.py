@@ -1,0 +1,320 @@
+"""One blend or session from features to result, with live updates along the way.
+
+Threads: the caller iterates `events()`; a pump moves the reconstruction's events into one
+outbox, where rejected updates also land; a worker turns accepted updates into new targets.
+Updates are checked on arrival, so a bad one is refused in-band and the run goes on.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator
+from typing import Protocol
+
+from styleblend.internal.v1 import blending_pb2, features_pb2, reconstruction_pb2
+from styleblend.v1 import styleblend_pb2
+
+from services.common import images
+from services.common.config import GatewayConfig
+from services.common.errors import FailedPrecondition, StyleBlendError
+from services.common.manifest import Manifest
+from services.gateway.plan import Plan, PlannedSource, Scale, Uploads, apply_update
+from services.gateway.recipe import RECIPE_KEY, recipe_json
+
+_END = object()
+_LUMINANCE = styleblend_pb2.PRESERVE_COLOR_LUMINANCE
+_HISTOGRAM = styleblend_pb2.PRESERVE_COLOR_HISTOGRAM
+
+
+class ReconstructStream(Protocol):
+    def __iter__(self) -> Iterator[reconstruction_pb2.ReconstructResponse]: ...
+    def cancel(self) -> None: ...
+
+
+class Upstreams(Protocol):
+    """The three internal services, as the gateway needs them."""
+
+    def get_model(self) -> features_pb2.GetModelResponse: ...
+    def extract(self, request: features_pb2.ExtractRequest) -> features_pb2.ExtractResponse: ...
+    def blend_targets(
+        self, request: blending_pb2.BlendTargetsRequest
+    ) -> blending_pb2.BlendTargetsResponse: ...
+    def get_device(self) -> reconstruction_pb2.GetDeviceResponse: ...
+    def reconstruct(
+        self, requests: Iterator[reconstruction_pb2.ReconstructRequest]
+    ) -> ReconstructStream: ...
+
+
+class BlendRun:
+    """`update`, `finish` and `cancel` may be called from any thread while `events()` runs."""
+
+    def __init__(
+        self,
+        plan: Plan,
+        manifest: Manifest,
+        upstreams: Upstreams,
+        config: GatewayConfig,
+        uploads: Uploads,
+    ) -> None:
+        self.first = self.plan = plan
+        self.manifest = manifest
+        self.upstreams = upstreams
+        self.config = config
+        self.uploads = uploads
+        self.strides = {layer.name: layer.stride for layer in manifest.layers}
+        self._outbox: queue.Queue[object] = queue.Queue()
+        self._controls: queue.Queue[object] = queue.Queue()
+        self._work: queue.Queue[tuple[styleblend_pb2.SessionUpdate, Plan]] = queue.Queue()
+        self._received: dict[int, styleblend_pb2.SessionUpdate] = {}
+        self._applied: list[tuple[int, int]] = []  # (update_id, iteration)
+        self._stream: ReconstructStream | None = None
+        self._cancelled = threading.Event()
+        self._finishing = threading.Event()
+
+    # --- the caller's side -------------------------------------------------------------------
+    def events(self) -> Iterator[styleblend_pb2.BlendEvent]:
+        job = self._job(self._scale_targets(self.plan))
+        if self._cancelled.is_set():
+            return
+        self._stream = self.upstreams.reconstruct(self._requests(job))
+        threading.Thread(target=self._pump, daemon=True, name="gateway-pump").start()
+        threading.Thread(target=self._work_on_updates, daemon=True, name="gateway-updates").start()
+        try:
+            while (item := self._outbox.get()) is not _END:
+                if isinstance(item, BaseException):
+                    raise item
+                assert isinstance(item, styleblend_pb2.BlendEvent)
+                yield self._annotated(item)
+        finally:
+            self._cancelled.set()
+            self._work.put((styleblend_pb2.SessionUpdate(), self.plan))  # wakes the worker to end
+            self._controls.put(_END)
+            self._stream.cancel()
+
+    def update(self, update: styleblend_pb2.SessionUpdate) -> None:
+        """Check an update now; refuse it in-band if it is bad, else queue its targets."""
+        try:
+            if self._finishing.is_set():
+                raise FailedPrecondition("the session is finishing; updates are no longer taken")
+            if update.update_id == 0 or update.update_id in self._received:
+                raise FailedPrecondition(
+                    f"update_id {update.update_id}: each update needs its own id > 0"
+                )
+            plan = apply_update(self.plan, update, self.config, self.uploads)
+        except StyleBlendError as error:
+            self._reject(update.update_id, error)
+            return
+        self.plan = plan  # the next update applies on top of this one
+        self._received[update.update_id] = update
+        if update.at_iteration:
+            hold = reconstruction_pb2.HoldAt(
+                update_id=update.update_id, at_iteration=update.at_iteration
+            )
+            self._controls.put(reconstruction_pb2.ReconstructRequest(hold=hold))
+        self._work.put((update, plan))
+
+    def reject_start(self) -> None:
+        self._reject(0, FailedPrecondition("the session has started; `start` only goes first"))
+
+    def finish(self) -> None:
+        self._finishing.set()
+        self._controls.put(
+            reconstruction_pb2.ReconstructRequest(finish=styleblend_pb2.FinishSession())
+        )
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+        self._controls.put(_END)
+        if self._stream is not None:
+            self._stream.cancel()
+
+    # --- threads -----------------------------------------------------------------------------
+    def _pump(self) -> None:
+        assert self._stream is not None
+        try:
+            for response in self._stream:
+                self._outbox.put(response.event)
+        except BaseException as error:  # handed to the caller, which raises it
+            self._outbox.put(error)
+        self._outbox.put(_END)
+
+    def _work_on_updates(self) -> None:
+        while not self._cancelled.is_set():
+            batch = [self._work.get()]
+            while not self._work.empty():
+                batch.append(self._work.get_nowait())
+            # Coalesce: of the updates due as soon as possible only the latest matters; the
+            # ones for a fixed iteration are kept, in order.
+            soon = [item for item in batch if not item[0].at_iteration and item[0].update_id]
+            keep = [item for item in batch if item[0].at_iteration] + soon[-1:]
+            for update, plan in keep:
+                if self._cancelled.is_set():
+                    return
+                self._send_update(update, plan)
+
+    def _send_update(self, update: styleblend_pb2.SessionUpdate, plan: Plan) -> None:
+        try:
+            scales = self._scale_targets(plan)
+        except StyleBlendError as error:  # e.g. a map whose header read but whose pixels do not
+            if update.at_iteration:
+                release = reconstruction_pb2.HoldAt(update_id=update.update_id, at_iteration=0)
+                self._controls.put(reconstruction_pb2.ReconstructRequest(hold=release))
+            self._reject(update.update_id, error)
+            return
+        message = reconstruction_pb2.ReconstructUpdate(
+            update_id=update.update_id,
+            scales=scales,
+            content_loss_weight=plan.content_loss_weight,
+            style_loss_weight=plan.style_loss_weight,
+            tv_loss_weight=plan.tv_loss_weight,
+            at_iteration=update.at_iteration,
+        )
+        self._controls.put(reconstruction_pb2.ReconstructRequest(update=message))
+
+    def _reject(self, update_id: int, error: StyleBlendError) -> None:
+        rejected = styleblend_pb2.UpdateRejected(
+            update_id=update_id, code=error.code, message=str(error)
+        )
+        self._outbox.put(styleblend_pb2.BlendEvent(update_rejected=rejected))
+
+    def _requests(
+        self, job: reconstruction_pb2.ReconstructJob
+    ) -> Iterator[reconstruction_pb2.ReconstructRequest]:
+        yield reconstruction_pb2.ReconstructRequest(start=job)
+        while (control := self._controls.get()) is not _END:
+            assert isinstance(control, reconstruction_pb2.ReconstructRequest)
+            yield control
+
+    # --- events ------------------------------------------------------------------------------
+    def _annotated(self, event: styleblend_pb2.BlendEvent) -> styleblend_pb2.BlendEvent:
+        """Note which updates took effect where; put the recipe on the result."""
+        if event.HasField("progress"):
+            progress = event.progress
+            applied = (progress.update_id, progress.update_iteration)
+            if progress.update_id and (not self._applied or self._applied[-1] != applied):
+                self._applied.append(applied)
+        elif event.HasField("result"):
+            updates = [(iteration, self._received[uid]) for uid, iteration in self._applied]
+            recipe = recipe_json(self.plan, self.first, self.manifest, updates)
+            event.result.recipe_json = recipe
+            event.result.image = images.with_text(event.result.image, RECIPE_KEY, recipe)
+        return event
+
+    # --- targets -----------------------------------------------------------------------------
+    def _scale_targets(self, plan: Plan) -> list[reconstruction_pb2.ScaleTargets]:
+        return [self._targets_at(plan, scale) for scale in plan.scales]
+
+    def _targets_at(self, plan: Plan, scale: Scale) -> reconstruction_pb2.ScaleTargets:
+        blended = self.upstreams.blend_targets(
+            blending_pb2.BlendTargetsRequest(
+                sources=[self._features(plan, source, scale) for source in plan.sources],
+                regions=[
+                    blending_pb2.RegionWeights(
+                        mask=region.mask.data, style_weights=region.style_weights
+                    )
+                    for region in plan.regions
+                ],
+                width_px=scale.width,
+                height_px=scale.height,
+                layer_strides={name: self.strides[name] for name in plan.content_layers},
+            )
+        )
+        return reconstruction_pb2.ScaleTargets(
+            width_px=scale.width,
+            height_px=scale.height,
+            iterations=scale.iterations,
+            channels=blended.channels,
+            features=blended.features,
+            content_weights=blended.content_weights,
+        )
+
+    def _features(
+        self, plan: Plan, source: PlannedSource, scale: Scale
+    ) -> blending_pb2.SourceFeatures:
+        features = blending_pb2.SourceFeatures(
+            style_weight=source.style_weight,
+            content_weight=source.content_weight,
+            style_map=source.style_map.data if source.style_map else b"",
+            content_map=source.content_map.data if source.content_map else b"",
+        )
+        reference = plan.content_source.image.data if plan.content_source else b""
+        if self._styled(plan, source):
+            width, height = plan.style_size(source, scale)
+            color: int = features_pb2.COLOR_TRANSFORM_UNSPECIFIED
+            if plan.preserve_color == _LUMINANCE:
+                color = features_pb2.COLOR_TRANSFORM_LUMINANCE
+            elif plan.preserve_color == _HISTOGRAM:
+                color = features_pb2.COLOR_TRANSFORM_MATCH
+            extracted = self._extract(
+                source, width, height, plan.style_layers, [], color, reference
+            )
+            features.grams.MergeFrom(extracted.grams)
+        if source.content_weight > 0:
+            # Luminance mode optimises a grey image: its content is the source's own luminance.
+            luminance = plan.preserve_color == _LUMINANCE
+            color = (
+                features_pb2.COLOR_TRANSFORM_LUMINANCE
+                if luminance
+                else features_pb2.COLOR_TRANSFORM_UNSPECIFIED
+            )
+            own = source.image.data if luminance else b""
+            extracted = self._extract(
+                source, scale.width, scale.height, [], plan.content_layers, color, own
+            )
+            features.features.MergeFrom(extracted.features)
+        return features
+
+    def _styled(self, plan: Plan, source: PlannedSource) -> bool:
+        index = plan.sources.index(source)
+        return source.style_weight > 0 or any(r.style_weights[index] > 0 for r in plan.regions)
+
+    def _extract(
+        self,
+        source: PlannedSource,
+        width: int,
+        height: int,
+        gram_layers: tuple[str, ...] | list[str],
+        feature_layers: tuple[str, ...] | list[str],
+        color: int,
+        reference: bytes,
+    ) -> features_pb2.ExtractResponse:
+        return self.upstreams.extract(
+            features_pb2.ExtractRequest(
+                image=source.image.data,
+                width_px=width,
+                height_px=height,
+                gram_layers=gram_layers,
+                feature_layers=feature_layers,
+                color=color,  # type: ignore[arg-type]
+                color_reference=reference if color else b"",
+            )
+        )
+
+    def _job(
+        self, scales: list[reconstruction_pb2.ScaleTargets]
+    ) -> reconstruction_pb2.ReconstructJob:
+        plan = self.plan
+        init_image = b""
+        if plan.init_image is not None:
+            init_image = plan.init_image.data
+        elif plan.init == styleblend_pb2.INIT_CONTENT and plan.content_source is not None:
+            init_image = plan.content_source.image.data
+        luminance = plan.preserve_color == _LUMINANCE
+        return reconstruction_pb2.ReconstructJob(
+            model=self.manifest.model,
+            weights_sha256=self.manifest.weights_sha256,
+            scales=scales,
+            optimizer=plan.optimizer,  # type: ignore[arg-type]
+            content_loss_weight=plan.content_loss_weight,
+            style_loss_weight=plan.style_loss_weight,
+            tv_loss_weight=plan.tv_loss_weight,
+            init_image=init_image,
+            seed=plan.seed,
+            preview_every=plan.preview_every,
+            learning_rate=plan.learning_rate,
+            preserve_color=plan.preserve_color,  # type: ignore[arg-type]
+            color_image=plan.content_source.image.data
+            if luminance and plan.content_source
+            else b"",
+        )
