@@ -10,6 +10,8 @@ from pathlib import Path
 import grpc
 
 from clients.cli import graph, remote
+from clients.cli.recipe import RecipeError
+from clients.cli.script import ScriptError
 from clients.cli.sources import parse_source
 
 
@@ -35,9 +37,22 @@ def build_parser() -> argparse.ArgumentParser:
         dest="sources",
         action="append",
         type=parse_source,
-        required=True,
-        metavar="PATH[:style=W][:content=W]",
-        help="a source image and its weights; repeat for each source",
+        default=[],
+        metavar="PATH[:style=W][:content=W][:mask=PATH][:content-mask=PATH]",
+        help="a source image, its weights and where they apply; repeat for each source",
+    )
+    blend.add_argument(
+        "--recipe", type=Path, metavar="FILE", help="replay a result's recipe (PNG or JSON)"
+    )
+    blend.add_argument(
+        "--script", type=Path, metavar="FILE", help="timed changes: `at 40: style 0.2,0.8`"
+    )
+    blend.add_argument("--preserve-color", choices=("luminance", "histogram"))
+    blend.add_argument(
+        "--scales", type=int, metavar="N", help="coarse-to-fine scales (default: by size)"
+    )
+    blend.add_argument(
+        "--style-scale", type=float, metavar="X", help="style size relative to the canvas"
     )
     blend.add_argument("-o", "--output", type=Path, required=True, help="where to write the result")
     blend.add_argument("--size", type=int, help="longest side of the result in pixels")
@@ -75,12 +90,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "up":
             return graph.up(args)
         if args.command == "blend":
+            if bool(args.sources) == bool(args.recipe):
+                raise SystemExit("styleblend blend: give --source ... or --recipe FILE (not both)")
             return remote.blend(args)
         if args.command == "info":
             return remote.info(args)
         return graph.export(args)
     except grpc.RpcError as error:
         print(remote.explain(error, args), file=sys.stderr)
+        return 1
+    except (RecipeError, ScriptError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -3,17 +3,27 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import os
+import queue
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
 from styleblend.v1 import styleblend_pb2, styleblend_pb2_grpc
 from tqdm import tqdm
 
+from clients.cli import recipe, script
+
 MiB = 1024 * 1024
 _OPTIMIZERS = {"lbfgs": styleblend_pb2.OPTIMIZER_LBFGS, "adam": styleblend_pb2.OPTIMIZER_ADAM}
 _INITS = {"content": styleblend_pb2.INIT_CONTENT, "noise": styleblend_pb2.INIT_NOISE}
+_COLOURS = {
+    "luminance": styleblend_pb2.PRESERVE_COLOR_LUMINANCE,
+    "histogram": styleblend_pb2.PRESERVE_COLOR_HISTOGRAM,
+}
 
 
 def default_gateway() -> str:
@@ -50,14 +60,6 @@ def explain(error: grpc.RpcError, args: argparse.Namespace) -> str:
 
 def blend_request(args: argparse.Namespace) -> styleblend_pb2.BlendRequest:
     request = styleblend_pb2.BlendRequest(
-        sources=[
-            styleblend_pb2.Source(
-                data=source.path.read_bytes(),
-                style_weight=source.style_weight,
-                content_weight=source.content_weight,
-            )
-            for source in args.sources
-        ],
         max_side_px=args.size or 0,
         iterations=args.iterations or 0,
         optimizer=_OPTIMIZERS.get(args.optimizer, styleblend_pb2.OPTIMIZER_UNSPECIFIED),
@@ -65,45 +67,62 @@ def blend_request(args: argparse.Namespace) -> styleblend_pb2.BlendRequest:
         content_layers=args.content_layers or [],
         init=_INITS.get(args.init, styleblend_pb2.INIT_UNSPECIFIED),
         preview_every=args.preview_every or 0,
+        preserve_color=_COLOURS.get(args.preserve_color, styleblend_pb2.PRESERVE_COLOR_UNSPECIFIED),
+        scales=args.scales or 0,
     )
+    for source in args.sources:
+        message = request.sources.add(
+            data=source.path.read_bytes(),
+            style_weight=source.style_weight,
+            content_weight=source.content_weight,
+        )
+        if source.style_map:
+            message.style_map.data = source.style_map.read_bytes()
+        if source.content_map:
+            message.content_map.data = source.content_map.read_bytes()
     if args.init_image:
         request.init = styleblend_pb2.INIT_IMAGE
         request.init_image = args.init_image.read_bytes()
-    for field in ("content_loss_weight", "style_loss_weight", "tv_loss_weight", "seed"):
+    for field in (
+        "content_loss_weight",
+        "style_loss_weight",
+        "tv_loss_weight",
+        "seed",
+        "style_scale",
+    ):
         value = getattr(args, field)
         if value is not None:
             setattr(request, field, value)
     return request
 
 
+def local_paths(args: argparse.Namespace) -> dict[str, str]:
+    """sha256 → path of every file the request reads, so a recipe can find them again."""
+    files = [args.init_image] if args.init_image else []
+    for source in args.sources:
+        files += [f for f in (source.path, source.style_map, source.content_map) if f]
+    return {hashlib.sha256(f.read_bytes()).hexdigest(): str(f.resolve()) for f in files}
+
+
 def blend(args: argparse.Namespace) -> int:
-    request = blend_request(args)
+    stub = connect(args.gateway)
+    if args.recipe:
+        request, steps, paths = recipe.replay(args.recipe, stub)
+    else:
+        request, paths = blend_request(args), local_paths(args)
+        steps = (
+            script.parse_script(args.script.read_text(), str(args.script), args.script.parent)
+            if args.script
+            else []
+        )
     if args.previews:
         args.previews.mkdir(parents=True, exist_ok=True)
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    bar = tqdm(total=request.iterations or None, unit="it", desc="blending", dynamic_ncols=True)
-    result: styleblend_pb2.Result | None = None
-    with bar:
-        for response in connect(args.gateway).Blend(request):
-            event = response.event
-            if event.HasField("progress"):
-                progress = event.progress
-                bar.total = progress.iterations_total
-                bar.update(progress.iteration - bar.n)
-                bar.set_postfix(
-                    style=f"{progress.losses.style:.3g}",
-                    content=f"{progress.losses.content:.3g}",
-                    tv=f"{progress.losses.tv:.3g}",
-                )
-            elif event.HasField("preview") and args.previews:
-                path = args.previews / f"preview_{event.preview.iteration:05d}.jpg"
-                path.write_bytes(event.preview.image)
-            elif event.HasField("result"):
-                result = event.result
-                write_result(result, args.output)
+    result = follow(stub, request, steps, args)
     if result is None:
         print("error: the gateway ended the stream without a result", file=sys.stderr)
         return 1
+    write_result(result, args.output, paths)
     print(
         f"wrote {args.output} ({result.width_px}×{result.height_px}, "
         f"{result.stats.iterations} iterations in {result.stats.seconds:.1f} s)"
@@ -112,15 +131,90 @@ def blend(args: argparse.Namespace) -> int:
     return 0
 
 
-def write_result(result: styleblend_pb2.Result, path: Path) -> None:
-    if path.suffix.lower() == ".png":
-        path.write_bytes(result.image)
-        return
+def _events(
+    stub: styleblend_pb2_grpc.StyleBlendStub,
+    request: styleblend_pb2.BlendRequest,
+    steps: list[script.Step],
+) -> tuple[Iterator[styleblend_pb2.BlendEvent], Callable[[int], None]]:
+    """The run's events, and what to call with each iteration (sends a scripted finish)."""
+    if not steps:
+        responses = stub.Blend(request)
+        return (r.event for r in responses), lambda _: None
+    outgoing: queue.Queue[styleblend_pb2.SessionRequest | None] = queue.Queue()
+    outgoing.put(styleblend_pb2.SessionRequest(start=request))
+    for step in steps:  # each is held for its iteration, so sending them all now is exact
+        if step.update is not None:
+            outgoing.put(styleblend_pb2.SessionRequest(update=step.update))
+    finishes = sorted(step.at_iteration for step in steps if step.update is None)
+
+    def on_iteration(iteration: int) -> None:
+        if finishes and iteration >= finishes[0]:
+            finishes.clear()
+            outgoing.put(styleblend_pb2.SessionRequest(finish=styleblend_pb2.FinishSession()))
+
+    def requests() -> Iterator[styleblend_pb2.SessionRequest]:
+        while (message := outgoing.get()) is not None:
+            yield message
+
+    def events() -> Iterator[styleblend_pb2.BlendEvent]:
+        try:
+            for response in stub.Session(requests()):
+                yield response.event
+        finally:
+            outgoing.put(None)
+
+    return events(), on_iteration
+
+
+def follow(
+    stub: styleblend_pb2_grpc.StyleBlendStub,
+    request: styleblend_pb2.BlendRequest,
+    steps: list[script.Step],
+    args: argparse.Namespace,
+) -> styleblend_pb2.Result | None:
+    events, on_iteration = _events(stub, request, steps)
+    bar = tqdm(total=None, unit="it", desc="blending", dynamic_ncols=True)
+    with bar:
+        for event in events:
+            if event.HasField("progress"):
+                progress = event.progress
+                bar.total = progress.iterations_total
+                bar.update(progress.iteration - bar.n)
+                bar.set_postfix(
+                    scale=f"{progress.scale + 1}/{progress.scales_total}",
+                    style=f"{progress.losses.style:.3g}",
+                    content=f"{progress.losses.content:.3g}",
+                    tv=f"{progress.losses.tv:.3g}",
+                )
+                on_iteration(progress.iteration)
+            elif event.HasField("preview") and args.previews:
+                path = args.previews / f"preview_{event.preview.iteration:05d}.jpg"
+                path.write_bytes(event.preview.image)
+            elif event.HasField("update_rejected"):
+                rejected = event.update_rejected
+                bar.write(f"update {rejected.update_id} refused: {rejected.message}")
+            elif event.HasField("result"):
+                return event.result
+    return None
+
+
+def write_result(result: styleblend_pb2.Result, path: Path, paths: dict[str, str]) -> None:
+    """The image with its recipe, plus where this machine keeps the recipe's files."""
     import io
 
-    from PIL import Image
+    from PIL import Image, PngImagePlugin
 
-    Image.open(io.BytesIO(result.image)).save(path)
+    made = json.loads(result.recipe_json)
+    made["paths"] = paths
+    text = json.dumps(made, indent=2)
+    image = Image.open(io.BytesIO(result.image))
+    if path.suffix.lower() == ".png":
+        info = PngImagePlugin.PngInfo()
+        info.add_itxt(recipe.RECIPE_KEY, text)
+        image.save(path, pnginfo=info)
+    else:
+        image.save(path)
+        path.with_suffix(".recipe.json").write_text(text)
 
 
 def info(args: argparse.Namespace) -> int:

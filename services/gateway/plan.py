@@ -83,8 +83,11 @@ class Plan:
 
     def style_size(self, source: PlannedSource, scale: Scale) -> tuple[int, int]:
         """A style image keeps its aspect ratio; its longest side is the canvas's × style_scale."""
-        side = max(MIN_SIDE_PX, round(max(scale.width, scale.height) * self.style_scale))
-        return images.fit_inside(source.image.header.width, source.image.header.height, side)
+        width, height = source.image.header.width, source.image.header.height
+        side = round(max(scale.width, scale.height) * self.style_scale)
+        # The model needs MIN_SIDE_PX on the short side too: a long, thin style image grows.
+        side = max(side, math.ceil(MIN_SIDE_PX * max(width, height) / min(width, height)))
+        return images.fit_inside(width, height, side)
 
 
 def _weight(value: float, field: str, *, positive: bool = False) -> float:

@@ -195,11 +195,24 @@ class BlendRun:
             if progress.update_id and (not self._applied or self._applied[-1] != applied):
                 self._applied.append(applied)
         elif event.HasField("result"):
-            updates = [(iteration, self._received[uid]) for uid, iteration in self._applied]
-            recipe = recipe_json(self.plan, self.first, self.manifest, updates)
+            recipe = recipe_json(self.plan, self.first, self.manifest, self._history())
             event.result.recipe_json = recipe
             event.result.image = images.with_text(event.result.image, RECIPE_KEY, recipe)
         return event
+
+    def _history(self) -> list[tuple[int, styleblend_pb2.SessionUpdate]]:
+        """(iteration, update) for every update in effect by the end, in arrival order.
+
+        An applied update carries the ones coalesced into it (each applies on top of the one
+        before), so they are all recorded at the iteration where it took effect.
+        """
+        arrived = list(self._received)
+        history, start = [], 0
+        for update_id, iteration in self._applied:
+            end = arrived.index(update_id) + 1
+            history += [(iteration, self._received[u]) for u in arrived[start:end]]
+            start = end
+        return history
 
     # --- targets -----------------------------------------------------------------------------
     def _scale_targets(self, plan: Plan) -> list[reconstruction_pb2.ScaleTargets]:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -18,12 +20,14 @@ from PIL import Image
 from styleblend.v1 import styleblend_pb2, styleblend_pb2_grpc
 
 from clients.cli.main import main
+from clients.cli.script import ScriptError, parse_script
 from clients.cli.sources import parse_source
 from services.common import images
 from tests.conftest import ROOT, SAMPLES, Graph
 
 ASTRONAUT = str(SAMPLES / "content" / "astronaut.jpg")
 STARRY = str(SAMPLES / "style" / "starry_night.jpg")
+SCREAM = str(SAMPLES / "style" / "the_scream.jpg")
 
 
 def free_port() -> int:
@@ -40,7 +44,8 @@ def test_source_weights_are_parsed_and_checked() -> None:
         (f"{STARRY}", "give a weight"),
         (f"{STARRY}:style=-1", "style must be a finite number >= 0"),
         (f"{STARRY}:style=lots", "'lots' is not a number"),
-        (f"{STARRY}:colour=1", "unknown weight 'colour'"),
+        (f"{STARRY}:colour=1", "unknown option 'colour'"),
+        (f"{STARRY}:style=1:mask=nowhere.png", "nowhere.png: no such file"),
         ("missing.jpg:style=1", "missing.jpg: no such file"),
     ]:
         with pytest.raises(argparse.ArgumentTypeError, match=message):
@@ -131,3 +136,85 @@ def test_blend_can_start_from_a_given_image(graph: Graph, tmp_path: Path) -> Non
     result = np.asarray(Image.open(out), dtype=np.float32) / 255
     start = images.to_canvas((SAMPLES / "content" / "astronaut.jpg").read_bytes(), 64, 40)
     assert np.abs(result - start).max() < 2 / 255
+
+
+def test_a_recipe_replays_to_the_same_image(graph: Graph, tmp_path: Path) -> None:
+    mask = tmp_path / "left.png"
+    left = np.zeros((64, 64, 3), np.uint8)
+    left[:, :32] = 255
+    Image.fromarray(left).save(mask)
+    first = tmp_path / "first.png"
+    arguments = ["--size", "64", "--iterations", "8", "--gateway", graph.address]
+    code = main(["blend", "--source", f"{ASTRONAUT}:content=1",
+                 "--source", f"{STARRY}:style=1:mask={mask}", "--preserve-color", "histogram",
+                 "--scales", "2", "-o", str(first), *arguments])  # fmt: skip
+    assert code == 0
+    recipe = json.loads(Image.open(first).text["styleblend:recipe"])  # type: ignore[attr-defined]
+    assert recipe["model"] == "vgg19"
+    assert recipe["request"]["iterations_per_scale"] == [4, 4]
+    assert recipe["request"]["sources"][1]["style_map"]["upload_id"] in recipe["paths"]
+    again = tmp_path / "again.png"
+    assert (
+        main(["blend", "--recipe", str(first), "-o", str(again), "--gateway", graph.address]) == 0
+    )
+    np.testing.assert_array_equal(np.asarray(Image.open(again)), np.asarray(Image.open(first)))
+
+
+def test_a_scripted_session_applies_its_changes_where_written(
+    graph: Graph, tmp_path: Path, capsys
+) -> None:
+    script = tmp_path / "moves.txt"
+    script.write_text(
+        "# swap the styles halfway\nat 5: style 0,0,1\nat 5: tv-loss 0.5\nat 9: finish\n"
+    )
+    out = tmp_path / "scripted.png"
+    code = main(["blend", "--source", f"{ASTRONAUT}:content=1", "--source", f"{STARRY}:style=1",
+                 "--source", f"{SCREAM}:style=0", "--size", "64", "--iterations", "40",
+                 "--script", str(script), "-o", str(out), "--gateway", graph.address])  # fmt: skip
+    assert code == 0
+    recipe = json.loads(Image.open(out).text["styleblend:recipe"])  # type: ignore[attr-defined]
+    # Both lines of iteration 5 are in the recipe, where they took effect together.
+    ids = [(u["at_iteration"], int(u["update_id"])) for u in recipe["updates"]]
+    assert ids == [(5, 2), (5, 3)]
+    assert recipe["updates"][1]["tv_loss_weight"] == 0.5
+    done = int(re.search(r"(\d+) iterations in", capsys.readouterr().out)[1])  # type: ignore[index]
+    assert 9 <= done < 40
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("at five: style 1", "moves.txt:1: expected `at N: command ...`"),
+        ("at 3: paint 1", "moves.txt:1: unknown command 'paint'"),
+        ("at 3: style 1,x", "moves.txt:1: 'x' is not a number"),
+        ("\nat 0: finish", "moves.txt:2: iterations count from 1"),
+        ("at 3: mask 1 missing.png", "moves.txt:1: missing.png: no such file"),
+    ],
+)
+def test_script_errors_name_the_line(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(ScriptError, match=re.escape(message)):
+        parse_script(text, "moves.txt", tmp_path)
+
+
+def test_a_recipe_whose_images_moved_is_refused(graph: Graph, tmp_path: Path, capsys) -> None:
+    style = tmp_path / "style.jpg"
+    style.write_bytes((SAMPLES / "style" / "starry_night.jpg").read_bytes())
+    out = tmp_path / "out.png"
+    assert main(["blend", "--source", f"{style}:style=1", "--size", "64", "--iterations", "2",
+                 "-o", str(out), "--gateway", graph.address]) == 0  # fmt: skip
+    style.write_bytes(b"changed")
+    assert (
+        main(
+            [
+                "blend",
+                "--recipe",
+                str(out),
+                "-o",
+                str(tmp_path / "x.png"),
+                "--gateway",
+                graph.address,
+            ]
+        )
+        == 1
+    )
+    assert "has changed since the recipe was made" in capsys.readouterr().err
