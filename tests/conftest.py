@@ -17,6 +17,7 @@ from services.common.config import (
     ReconstructionConfig,
 )
 from services.common.server import RunningServer, Servicer, start_server
+from services.features.core import FeatureExtractor
 from services.graph import build_blending, build_features, build_gateway, build_reconstruction
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,6 +62,7 @@ class Graph:
     reconstruction: RunningServer
     gateway: RunningServer
     config: GatewayConfig
+    extractor: FeatureExtractor  # the features service's core, to count what it runs
 
     @property
     def address(self) -> str:
@@ -87,7 +89,8 @@ def start_gateway(upstreams: dict[str, str], **limits: int) -> tuple[RunningServ
 @pytest.fixture(scope="session")
 def graph(vgg19_dir: Path) -> Iterator[Graph]:
     models = vgg19_dir.parent
-    features = serve(build_features(FeaturesConfig(model="vgg19", model_dir=models)))
+    features_servicer = build_features(FeaturesConfig(model="vgg19", model_dir=models))
+    features = serve(features_servicer)
     blending = serve(build_blending(BlendingConfig()))
     reconstruction = serve(
         build_reconstruction(ReconstructionConfig(model="vgg19", model_dir=models, device="cpu"))
@@ -100,6 +103,7 @@ def graph(vgg19_dir: Path) -> Iterator[Graph]:
     gateway, config = start_gateway(
         upstreams, max_side_px=512, max_sources=4, max_iterations=500, max_request_bytes=2 * MiB
     )
-    yield Graph(features, blending, reconstruction, gateway, config)
+    extractor = features_servicer.servicer.extractor  # type: ignore[attr-defined]
+    yield Graph(features, blending, reconstruction, gateway, config, extractor)
     for server in (gateway, reconstruction, blending, features):
         server.stop(0)

@@ -277,3 +277,35 @@ def test_an_update_before_start_is_invalid(graph: Graph) -> None:
         list(graph.stub().Session(requests, timeout=30))
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "the first message of a session must carry `start`" in str(caught.value.details())
+
+
+def test_slider_moves_reuse_the_features_and_are_coalesced(graph: Graph) -> None:
+    start = blend(
+        sources=[source("content/astronaut.jpg", 0, 1), source(STARRY, 1, 0), source(SCREAM, 1, 0)],
+        iterations=60,
+    )
+    session = Session(graph, start)
+    runs: list[object] = []
+    original = graph.extractor.session.run
+
+    def counted(*args: object, **kwargs: object) -> object:
+        runs.append(args)
+        return original(*args, **kwargs)
+
+    events = []
+    try:
+        for event in session.events():
+            events.append(event)
+            if event.HasField("progress") and event.progress.iteration == 2:
+                graph.extractor.session.run = counted
+                for step in range(1, 21):  # a slider dragged: 20 moves at once
+                    move = pb.SourceUpdate(index=1, style_weight=1 - step / 20)
+                    session.send(
+                        pb.SessionRequest(update=pb.SessionUpdate(update_id=step, sources=[move]))
+                    )
+    finally:
+        graph.extractor.session.run = original
+    assert runs == []  # every source was extracted once, at the start
+    applied = {e.progress.update_id for e in events if e.HasField("progress")} - {0}
+    assert 20 in applied and len(applied) < 20  # the latest always lands; most are skipped
+    assert events[-1].HasField("result")
