@@ -6,7 +6,6 @@ import threading
 from dataclasses import dataclass
 
 from cachetools import LRUCache
-from styleblend.internal.v1 import features_pb2
 from styleblend.v1 import styleblend_pb2
 
 from services.common import images
@@ -32,13 +31,14 @@ class Gateway:
             maxsize=config.upload_store_bytes, getsizeof=len
         )
         self._lock = threading.Lock()
-        self._model: features_pb2.GetModelResponse | None = None
+        self._model: tuple[Manifest, list[str]] | None = None
 
     def model(self) -> tuple[Manifest, list[str]]:
         """The features service's manifest and providers, fetched once it answers."""
         if self._model is None:
-            self._model = self.upstreams.get_model()
-        return Manifest.from_json(self._model.manifest_json), list(self._model.execution_providers)
+            answer = self.upstreams.get_model()
+            self._model = Manifest.from_json(answer.manifest_json), list(answer.execution_providers)
+        return self._model
 
     def upload(self, data: bytes) -> Upload:
         header = images.probe(data, "image", self.config.max_image_pixels)
