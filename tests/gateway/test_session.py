@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import io
 import os
 import queue
+import threading
 import time
 from collections.abc import Iterator
 
@@ -196,12 +199,22 @@ def test_style_scale_changes_the_strokes_and_is_bounded(graph: Graph) -> None:
     assert "style_scale must be within 0.25..4.0, got 9.0" in str(caught.value.details())
 
 
-def rss_bytes() -> int:
+def settled_rss_bytes() -> int:
+    """Resident memory once garbage is collected and malloc has handed free pages back."""
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
     with open(f"/proc/{os.getpid()}/statm") as statm:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def alive(kind: type) -> int:
+    return sum(type(thing) is kind for thing in gc.get_objects())
+
+
 def test_cancelled_sessions_free_their_memory(graph: Graph) -> None:
+    from services.gateway.run import BlendRun
+    from services.reconstruction.core import Control
+
     start = blend(
         sources=[source("content/astronaut.jpg", 0, 1), source(STARRY, 1, 0)], iterations=500
     )
@@ -213,17 +226,27 @@ def test_cancelled_sessions_free_their_memory(graph: Graph) -> None:
                 session.call.cancel()
                 break
 
+    def settle(threads: int = 10**6) -> None:
+        """Wait, briefly, for the sessions' threads to end and their objects to go."""
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and (
+            reconstruction_threads() or alive(BlendRun) or threading.active_count() > threads
+        ):
+            time.sleep(0.05)
+            gc.collect()
+
     for _ in range(5):  # warm up: caches and allocator pools reach their working size
         cancelled_session()
-    before = rss_bytes()
+    settle()
+    threads, before = threading.active_count(), settled_rss_bytes()
     for _ in range(50):
         cancelled_session()
-    deadline = time.monotonic() + 10
-    while reconstruction_threads() and time.monotonic() < deadline:
-        time.sleep(0.05)
+    settle(threads)
     assert reconstruction_threads() == 0
-    growth = rss_bytes() - before
-    assert growth < 40 * 1024 * 1024, f"grew by {growth / 2**20:.1f} MiB over 50 sessions"
+    assert alive(BlendRun) == 0 and alive(Control) == 0  # nothing of any session is kept
+    assert threading.active_count() <= threads
+    growth = settled_rss_bytes() - before
+    assert growth < 64 * 1024 * 1024, f"grew by {growth / 2**20:.1f} MiB over 50 sessions"
 
 
 def test_bad_updates_are_refused_and_the_session_goes_on(graph: Graph) -> None:
