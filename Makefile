@@ -28,7 +28,13 @@ $(VENV)/.installed: $(VENV)/.tools gen/.stamp pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
 
-install: $(VENV)/.installed
+# The Node client and the buf CLI (one `npm ci`, from the lock file).
+NODE_CLIENT := clients/node
+$(NODE_CLIENT)/node_modules/.stamp: $(NODE_CLIENT)/package-lock.json
+	npm ci --prefix $(NODE_CLIENT) --no-audit --no-fund
+	touch $@
+
+install: $(VENV)/.installed $(NODE_CLIENT)/node_modules/.stamp
 protos: gen/.stamp
 
 # Feature models: exported once into models/ (git ignores it).
@@ -65,6 +71,7 @@ demo: install
 lint: install
 	$(BIN)/ruff check services export clients tests
 	$(BIN)/ruff format --check services export clients tests
+	cd protos && ../$(NODE_CLIENT)/node_modules/.bin/buf lint
 
 typecheck: install
 	$(BIN)/mypy
