@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 PROTOS := $(shell find protos -name '*.proto')
 SAMPLES := clients/samples
 
-.PHONY: install protos models demo up test test-slow lint typecheck clean
+.PHONY: install protos models demo up test test-slow lint typecheck chromium clean
 
 # --- setup -------------------------------------------------------------------------------
 $(VENV)/.tools:
@@ -52,7 +52,7 @@ demo: install
 	@mkdir -p out
 	@set -e; \
 	$(BIN)/styleblend up --gateway-port 50151 --features-port 50152 --blending-port 50153 \
-		--reconstruction-port 50154 > out/graph.log 2>&1 & graph=$$!; \
+		--reconstruction-port 50154 --http-port 50155 > out/graph.log 2>&1 & graph=$$!; \
 	trap 'kill -TERM $$graph 2>/dev/null; wait $$graph 2>/dev/null || true' EXIT; \
 	echo "starting the graph (log: out/graph.log)..."; \
 	for i in $$(seq 300); do \
@@ -76,7 +76,12 @@ lint: install
 typecheck: install
 	$(BIN)/mypy
 
-test: lint typecheck
+# Debian's Chromium for the browser tests (Playwright drives it; it never downloads a browser).
+chromium:
+	test -x /usr/bin/chromium || (apt-get update -q && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium)
+
+test: lint typecheck chromium
 	$(BIN)/pytest
 
 test-slow: install

@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import logging
 
-from services.common.config import ServiceConfig
+from services.common.config import GatewayConfig, ServiceConfig
 from services.common.server import serve_until_terminated
-from services.graph import SERVICES, serve_one
+from services.graph import SERVICES, serve_one, start_studio
 
 
 def main() -> None:
@@ -18,7 +18,13 @@ def main() -> None:
     logging.basicConfig(
         level=config.log_level, format=f"%(asctime)s {args.service} %(levelname)s %(message)s"
     )
-    serve_until_terminated(serve_one(args.service), config.grace_s)
+    running = serve_one(args.service)
+    studio = start_studio(GatewayConfig(), running.port) if args.service == "gateway" else None
+    try:
+        serve_until_terminated(running, config.grace_s)
+    finally:
+        if studio is not None:  # after the gRPC grace, so bridged sessions get it too
+            studio.stop()
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from services.features.servicer import features_servicer
 from services.gateway.core import Gateway
 from services.gateway.servicer import style_blend_servicer
 from services.gateway.upstream import Upstreams
+from services.gateway.web import WebServer, loopback_address, start_web
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +99,16 @@ def _start(
         lambda _: [servicer],
         address=config.address(port),
         max_message_bytes=max_message_bytes or config.max_message_bytes,
+    )
+
+
+def start_studio(gateway: GatewayConfig, grpc_port: int) -> WebServer:
+    """The browser studio, in the gateway's process, bridged to its gRPC port."""
+    return start_web(
+        gateway.host,
+        gateway.http_port,
+        loopback_address(gateway.host, grpc_port),
+        max_message_bytes=max(gateway.max_request_bytes, gateway.max_message_bytes),
     )
 
 

@@ -25,7 +25,7 @@ def _environment(args: argparse.Namespace) -> dict[str, str]:
         port = getattr(args, f"{name}_port", None)
         if port is not None:
             env[f"STYLEBLEND_{name.upper()}_PORT"] = str(port)
-    for flag in ("host", "model", "model_dir"):
+    for flag in ("host", "model", "model_dir", "http_port"):
         value = getattr(args, flag, None)
         if value is not None:
             env[f"STYLEBLEND_{flag.upper()}"] = str(value)
@@ -108,7 +108,12 @@ def _up_processes(env: dict[str, str]) -> int:
             children[name] = subprocess.Popen([sys.executable, "-m", "services", name], env=env)
         for name, process in children.items():
             wait_healthy(addresses[name], name, process)
-        print(_banner(addresses), flush=True)
+        host, http_port = (
+            env.get("STYLEBLEND_HOST", "127.0.0.1"),
+            env.get("STYLEBLEND_HTTP_PORT", 8080),
+        )
+        studio = f"http://{host}:{http_port}/"
+        print(_banner({**addresses, "studio": studio}), flush=True)
         while not stop():
             for name, process in children.items():
                 if process.poll() is not None:
@@ -126,12 +131,20 @@ def _up_processes(env: dict[str, str]) -> int:
 def _up_single_process() -> int:
     from services.common.config import GatewayConfig
     from services.common.server import serve_until_terminated
-    from services.graph import serve_all_in_one
+    from services.graph import serve_all_in_one, start_studio
 
     gateway = GatewayConfig()
     running = serve_all_in_one(gateway)
-    print(_banner({"gateway": f"{gateway.host}:{running.port} (all four services)"}), flush=True)
-    serve_until_terminated(running, gateway.grace_s)
+    studio = start_studio(gateway, running.port)
+    addresses = {
+        "gateway": f"{gateway.host}:{running.port} (all four services)",
+        "studio": f"http://{gateway.host}:{studio.port}/",
+    }
+    print(_banner(addresses), flush=True)
+    try:
+        serve_until_terminated(running, gateway.grace_s)
+    finally:
+        studio.stop()
     return 0
 
 

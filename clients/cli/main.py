@@ -26,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
         up.add_argument(
             f"--{name}-port", type=int, help=f"(STYLEBLEND_{name.upper()}_PORT, {port})"
         )
+    up.add_argument("--http-port", type=int, help="browser studio (STYLEBLEND_HTTP_PORT, 8080)")
     up.add_argument("--model", help="feature model id (STYLEBLEND_MODEL, vgg19)")
     up.add_argument(
         "--model-dir", type=Path, help="folder of exports (STYLEBLEND_MODEL_DIR, models)"

@@ -66,6 +66,7 @@ class ReconstructionConfig(ModelConfig):
 
 class GatewayConfig(ServiceConfig):
     gateway_port: int = Field(50051, ge=0, le=65535)
+    http_port: int = Field(8080, ge=0, le=65535, description="browser studio; 0 picks a free one")
     features_address: str = "127.0.0.1:50052"
     blending_address: str = "127.0.0.1:50053"
     reconstruction_address: str = "127.0.0.1:50054"

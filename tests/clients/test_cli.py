@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -102,6 +103,8 @@ def test_up_serves_and_stops_on_sigterm(vgg19_dir: Path, single_process: bool) -
     ports = {name: free_port() for name in ("gateway", "features", "blending", "reconstruction")}
     command = [sys.executable, "-m", "clients.cli.main", "up"]
     command += [f"--{name}-port={port}" for name, port in ports.items()]
+    http_port = free_port()
+    command += [f"--http-port={http_port}"]
     command += ["--single-process"] if single_process else []
     env = {**os.environ, "STYLEBLEND_MODEL_DIR": str(vgg19_dir.parent)}
     process = subprocess.Popen(
@@ -111,6 +114,12 @@ def test_up_serves_and_stops_on_sigterm(vgg19_dir: Path, single_process: bool) -
         assert process.stdout is not None
         banner = process.stdout.readline()  # blocks until the graph is up
         assert banner.startswith("styleblend is up"), banner
+        studio = ""
+        while "studio" not in studio:
+            studio = process.stdout.readline()
+        assert f"http://127.0.0.1:{http_port}/" in studio
+        with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/", timeout=10) as page:
+            assert page.status == 200 and b"styleblend" in page.read()
         channel = grpc.insecure_channel(f"127.0.0.1:{ports['gateway']}")
         info = styleblend_pb2_grpc.StyleBlendStub(channel).GetInfo(
             styleblend_pb2.GetInfoRequest(), timeout=30

@@ -1,0 +1,329 @@
+"""The browser studio's bridge: static files, and the public API over HTTP and a WebSocket.
+
+A thin adapter beside the gateway's gRPC server and a gRPC client of it: each WebSocket text
+frame from the page is a `SessionRequest` in protobuf's canonical JSON, each frame to the page
+a `SessionResponse` in the same form. No blending logic lives here; the gateway checks
+everything. A failed call reaches the page as `{"error": {"code": "...", "message": "..."}}`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import grpc
+from aiohttp import WSCloseCode, WSMsgType, web
+from google.protobuf import json_format
+from google.protobuf.message import Message
+from styleblend.v1 import styleblend_pb2, styleblend_pb2_grpc
+
+if TYPE_CHECKING:
+    from styleblend.v1.styleblend_pb2_grpc import StyleBlendAsyncStub
+
+log = logging.getLogger(__name__)
+
+MiB = 1024 * 1024
+_CLIENTS = Path(__file__).resolve().parents[2] / "clients"
+WEB_DIR = _CLIENTS / "web"
+SAMPLES_DIR = _CLIENTS / "samples"
+SAMPLE_KINDS = ("content", "style")
+UNARY_TIMEOUT_S = 30.0  # GetInfo and UploadImage answer at once unless the gateway is stuck
+
+# What a unary call's status means to a browser; anything else is a bad gateway.
+_HTTP_STATUS = {
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.UNAUTHENTICATED: 401,
+    grpc.StatusCode.FAILED_PRECONDITION: 409,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 413,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+}
+
+
+def loopback_address(host: str, port: int) -> str:
+    """Where the bridge dials a gateway that listens on host:port, from the same machine."""
+    if host in ("", "0.0.0.0", "::", "[::]"):  # listening everywhere includes loopback
+        return f"127.0.0.1:{port}"
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+
+
+def to_json(message: Message) -> str:
+    return json_format.MessageToJson(message, indent=None)
+
+
+def error_json(code: str, message: str) -> str:
+    return json.dumps({"error": {"code": code, "message": message}})
+
+
+def rpc_error_json(error: grpc.aio.AioRpcError) -> str:
+    return error_json(error.code().name, error.details() or "the gateway gave no details")
+
+
+@dataclass(frozen=True)
+class Sample:
+    kind: str  # "content" or "style"
+    name: str  # file name, e.g. "astronaut.jpg"
+
+    @property
+    def url(self) -> str:
+        return f"samples/{self.kind}/{self.name}"  # relative: the studio may sit under a prefix
+
+
+def find_samples(folder: Path) -> list[Sample]:
+    return [
+        Sample(kind, path.name)
+        for kind in SAMPLE_KINDS
+        for path in sorted((folder / kind).glob("*.jpg"))
+    ]
+
+
+class Session:
+    """One WebSocket bridged to one `Session` call; the call starts with the first good frame."""
+
+    def __init__(self, socket: web.WebSocketResponse, stub: StyleBlendAsyncStub) -> None:
+        self.socket = socket
+        self.stub = stub
+        self._requests: asyncio.Queue[styleblend_pb2.SessionRequest | None] = asyncio.Queue()
+        self._send_lock = asyncio.Lock()  # the reader's error frames and the events interleave
+
+    async def run(self) -> None:
+        reader = asyncio.create_task(self._read_frames())
+        first = await self._requests.get()
+        if first is None:  # the page left before sending anything usable
+            await reader
+            return
+        call = self.stub.Session(self._outgoing(first))
+        writer = asyncio.create_task(self._write_events(call))
+        # Whichever ends first ends both: a finished call closes the socket, a closed socket
+        # cancels the call (the gateway then stops the reconstruction within one iteration).
+        await asyncio.wait({reader, writer}, return_when=asyncio.FIRST_COMPLETED)
+        call.cancel()
+        for task in (reader, writer):
+            task.cancel()
+        for outcome in await asyncio.gather(reader, writer, return_exceptions=True):
+            if isinstance(outcome, Exception):  # e.g. the page vanished mid-send
+                log.warning("session bridge ended with %r", outcome)
+
+    async def stop(self) -> None:
+        """Tell the page that the server is stopping, then close; closing ends the call."""
+        # In a frame, not only in the close: a browser may not pass a close's reason on.
+        await self.send(
+            error_json("UNAVAILABLE", "the studio server is stopping; try again shortly")
+        )
+        await self.socket.close(code=WSCloseCode.GOING_AWAY, message=b"the server is stopping")
+
+    async def send(self, frame: str) -> None:
+        async with self._send_lock:
+            if not self.socket.closed:
+                await self.socket.send_str(frame)
+
+    async def _outgoing(
+        self, first: styleblend_pb2.SessionRequest
+    ) -> AsyncIterator[styleblend_pb2.SessionRequest]:
+        yield first
+        while (request := await self._requests.get()) is not None:
+            yield request
+
+    async def _read_frames(self) -> None:
+        try:
+            async for frame in self.socket:
+                if frame.type != WSMsgType.TEXT:
+                    await self.send(error_json("INVALID_ARGUMENT", "frames must be JSON text"))
+                    continue
+                try:
+                    request = json_format.Parse(frame.data, styleblend_pb2.SessionRequest())
+                except json_format.ParseError as error:
+                    await self.send(
+                        error_json("INVALID_ARGUMENT", f"not a SessionRequest: {error}")
+                    )
+                    continue
+                await self._requests.put(request)
+        finally:
+            await self._requests.put(None)  # ends the request stream: a half-close
+
+    async def _write_events(
+        self,
+        call: grpc.aio.StreamStreamCall[
+            styleblend_pb2.SessionRequest, styleblend_pb2.SessionResponse
+        ],
+    ) -> None:
+        try:
+            async for response in call:
+                await self.send(to_json(response))
+        except grpc.aio.AioRpcError as error:
+            await self.send(rpc_error_json(error))
+
+
+class Bridge:
+    """The aiohttp application's handlers; lives on the bridge's own event loop."""
+
+    def __init__(
+        self, gateway_address: str, max_message_bytes: int, web_dir: Path, samples_dir: Path
+    ) -> None:
+        limit = max_message_bytes
+        self.channel = grpc.aio.insecure_channel(
+            gateway_address,
+            options=[
+                ("grpc.max_receive_message_length", limit),
+                ("grpc.max_send_message_length", limit),
+            ],
+        )
+        self.stub: StyleBlendAsyncStub = styleblend_pb2_grpc.StyleBlendStub(self.channel)
+        self.max_message_bytes = max_message_bytes
+        self.web_dir = web_dir
+        self.samples = find_samples(samples_dir)
+        self.samples_dir = samples_dir
+        self.sessions: set[Session] = set()
+
+    def application(self) -> web.Application:
+        # A source image goes up whole in one POST, so the body limit is the message limit.
+        app = web.Application(client_max_size=self.max_message_bytes)
+        app.router.add_get("/", self.index)
+        app.router.add_get("/ws/session", self.session)
+        app.router.add_get("/api/info", self.info)
+        app.router.add_post("/api/upload", self.upload)
+        app.router.add_get("/api/samples", self.list_samples)
+        app.router.add_static("/samples/", self.samples_dir)
+        app.router.add_static("/", self.web_dir)  # last: it claims every other path
+        app.on_shutdown.append(self.stop_sessions)
+        return app
+
+    async def index(self, request: web.Request) -> web.FileResponse:
+        return web.FileResponse(self.web_dir / "index.html")
+
+    async def session(self, request: web.Request) -> web.WebSocketResponse:
+        # Frames from the page carry style maps; a result frame may be a large PNG in base64.
+        socket = web.WebSocketResponse(max_msg_size=self.max_message_bytes, heartbeat=30)
+        await socket.prepare(request)
+        session = Session(socket, self.stub)
+        self.sessions.add(session)
+        try:
+            await session.run()
+        finally:
+            self.sessions.discard(session)
+            await socket.close()
+        return socket
+
+    async def info(self, request: web.Request) -> web.Response:
+        try:
+            info = await self.stub.GetInfo(styleblend_pb2.GetInfoRequest(), timeout=UNARY_TIMEOUT_S)
+        except grpc.aio.AioRpcError as error:
+            return rpc_error_response(error)
+        return web.Response(text=to_json(info), content_type="application/json")
+
+    async def upload(self, request: web.Request) -> web.Response:
+        data = await request.read()
+        try:
+            uploaded = await self.stub.UploadImage(
+                styleblend_pb2.UploadImageRequest(data=data), timeout=UNARY_TIMEOUT_S
+            )
+        except grpc.aio.AioRpcError as error:
+            return rpc_error_response(error)
+        return web.Response(text=to_json(uploaded), content_type="application/json")
+
+    async def list_samples(self, request: web.Request) -> web.Response:
+        listing = {
+            kind: [{"name": s.name, "url": s.url} for s in self.samples if s.kind == kind]
+            for kind in SAMPLE_KINDS
+        }
+        return web.json_response(listing)
+
+    async def stop_sessions(self, app: web.Application) -> None:
+        for session in list(self.sessions):
+            await session.stop()
+
+
+def rpc_error_response(error: grpc.aio.AioRpcError) -> web.Response:
+    return web.Response(
+        text=rpc_error_json(error),
+        status=_HTTP_STATUS.get(error.code(), 502),
+        content_type="application/json",
+    )
+
+
+class WebServer:
+    """The bridge on its own event loop in a background thread; `port` is the bound port."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        gateway_address: str,
+        *,
+        max_message_bytes: int,
+        web_dir: Path,
+        samples_dir: Path,
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.gateway_address = gateway_address
+        self.max_message_bytes = max_message_bytes
+        self.web_dir = web_dir
+        self.samples_dir = samples_dir
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True, name="web")
+        self._runner: web.AppRunner | None = None
+        self._bridge: Bridge | None = None
+
+    def start(self, timeout_s: float = 30.0) -> None:
+        self._thread.start()
+        try:
+            asyncio.run_coroutine_threadsafe(self._serve(), self._loop).result(timeout_s)
+        except BaseException:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            raise
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """Close the open sessions (their gRPC calls are cancelled) and stop serving."""
+        if not self._thread.is_alive():
+            return
+        asyncio.run_coroutine_threadsafe(self._close(), self._loop).result(timeout_s)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout_s)
+
+    async def _serve(self) -> None:
+        # The gRPC channel belongs to the loop that uses it, so it is made here.
+        self._bridge = Bridge(
+            self.gateway_address, self.max_message_bytes, self.web_dir, self.samples_dir
+        )
+        self._runner = web.AppRunner(
+            self._bridge.application(), access_log=None, shutdown_timeout=2.0
+        )
+        await self._runner.setup()
+        await web.TCPSite(self._runner, self.host, self.port).start()
+        self.port = self._runner.addresses[0][1]
+
+    async def _close(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+        if self._bridge is not None:
+            await self._bridge.channel.close()
+
+
+def start_web(
+    host: str,
+    port: int,
+    gateway_address: str,
+    *,
+    max_message_bytes: int = 64 * MiB,
+    web_dir: Path = WEB_DIR,
+    samples_dir: Path = SAMPLES_DIR,
+) -> WebServer:
+    """Serve the studio on host:port (0 picks a free port), bridged to the gateway's gRPC API."""
+    server = WebServer(
+        host,
+        port,
+        gateway_address,
+        max_message_bytes=max_message_bytes,
+        web_dir=web_dir,
+        samples_dir=samples_dir,
+    )
+    server.start()
+    log.info("studio at http://%s:%d/ (gateway %s)", host, server.port, gateway_address)
+    return server
