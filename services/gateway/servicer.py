@@ -36,7 +36,9 @@ class StyleBlendServicer(styleblend_pb2_grpc.StyleBlendServicer):
             raise InvalidArgument("the first message of a session must carry `start`")
         run = self.gateway.start(first.start)
         context.add_callback(run.cancel)
-        threading.Thread(target=follow, args=(request_iterator, run), daemon=True).start()
+        threading.Thread(
+            target=follow, args=(request_iterator, run), daemon=True, name="session-follow"
+        ).start()
         for event in run.events():
             yield styleblend_pb2.SessionResponse(event=event)
 

@@ -181,7 +181,9 @@ class ReconstructionServicer(reconstruction_pb2_grpc.ReconstructionServiceServic
         job = to_job(first.start)
         control = core.Control()
         context.add_callback(control.cancel.set)
-        threading.Thread(target=follow, args=(request_iterator, control), daemon=True).start()
+        threading.Thread(
+            target=follow, args=(request_iterator, control), daemon=True, name="session-follow"
+        ).start()
         events = core.reconstruct(self.net, job, control, self.device, self.strides)
         for event in in_background(events, control):
             yield reconstruction_pb2.ReconstructResponse(event=event_message(event))
