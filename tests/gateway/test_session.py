@@ -247,8 +247,11 @@ def test_cancelled_sessions_free_their_memory(graph: Graph) -> None:
     settle()
     assert session_threads() == 0
     assert alive(BlendRun) == 0 and alive(Control) == 0  # nothing of any session is kept
+    # A session's tensors (VGG activations at 256 px) are tens of MiB, so keeping any of them
+    # would grow RSS by a GiB or more over 50 sessions; the allocator's own drift, measured
+    # over rounds of 50 with no trend, is 20 to 90 MiB.
     growth = settled_rss_bytes() - before
-    assert growth < 64 * 1024 * 1024, f"grew by {growth / 2**20:.1f} MiB over 50 sessions"
+    assert growth < 256 * 1024 * 1024, f"grew by {growth / 2**20:.1f} MiB over 50 sessions"
 
 
 def test_bad_updates_are_refused_and_the_session_goes_on(graph: Graph) -> None:
