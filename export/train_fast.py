@@ -2,11 +2,14 @@
 
 Each step stylises a batch of content crops, each with one style (one-hot weights), and
 scores the outputs with the same feature model, Gram matrices and relative losses as the
-reconstruction service. Checkpoints keep the style names and the feature model's id and
-weights hash; training resumes from one, and `add_style` trains only a new style's (γ, β).
+reconstruction service. Style 0 is the identity, trained to give back its input, so that a
+mix with it is a strength control. Checkpoints keep the style names, the style images' sha256
+and the feature model's id and weights hash; training resumes from one, and `add_style`
+trains only a new style's (γ, β). The model folder gets the ONNX exports the features
+service runs and their manifest.
 
     python -m export.train_fast --style starry=clients/samples/style/starry_night.jpg \\
-        --style scream=clients/samples/style/the_scream.jpg --steps 2000 -o models/fast.pt
+        --style scream=clients/samples/style/the_scream.jpg --steps 2000 -o models/fast/demo
 """
 
 from __future__ import annotations
@@ -23,8 +26,10 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from export.fastnet import MULTIPLE, FastStyleNet
+from export.fastnet import MULTIPLE, FastStyleNet, Layout, export_onnx
 from export.models import FeatureNet, load_feature_net
+from services.common import images
+from services.common.fastmodel import IDENTITY, FastManifest, FastStyle
 from services.common.manifest import Manifest
 from services.reconstruction.core import gram, relative_error, total_variation
 
@@ -47,7 +52,15 @@ class TrainingConfig:
 @dataclass(frozen=True)
 class Style:
     name: str
-    path: Path
+    path: Path | None  # None for the identity style
+
+    @property
+    def sha256(self) -> str:
+        return images.sha256(self.path.read_bytes()) if self.path else ""
+
+
+IDENTITY_STYLE = Style(IDENTITY, None)
+CHECKPOINT_FILE = "checkpoint.pt"
 
 
 def content_images(folders: Sequence[Path] = ()) -> list[Image.Image]:
@@ -82,7 +95,10 @@ def crops(
 
 
 class PerceptualLoss:
-    """α·content + β·style + γ·TV per batch item, each item against its own style's Grams."""
+    """α·content + β·style + γ·TV per batch item, each item against its own style's Grams.
+
+    The identity style's item is scored by how far its pixels are from the content's.
+    """
 
     def __init__(
         self,
@@ -94,12 +110,13 @@ class PerceptualLoss:
         self.features, self.config = features, config
         self.style_layers = list(manifest.default_style_layers)
         self.content_layers = list(manifest.default_content_layers)
-        self.targets = [self._grams(style.path) for style in styles]
+        self.targets = [self._grams(style.path) if style.path else None for style in styles]
 
     def _grams(self, path: Path) -> dict[str, torch.Tensor]:
         image = Image.open(path).convert("RGB")
         image.thumbnail((self.config.size_px, self.config.size_px), Image.Resampling.LANCZOS)
         pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)[None]
+        pixels = pixels.to(next(self.features.parameters()).device)
         with torch.no_grad():
             return {n: gram(f) for n, f in self.features(pixels, self.style_layers).items()}
 
@@ -112,8 +129,12 @@ class PerceptualLoss:
             wanted = self.features(content, self.content_layers)
         total = output.new_zeros(())
         for item, style in enumerate(styles):
+            targets = self.targets[style]
+            if targets is None:
+                total = total + relative_error(output[item], content[item])
+                continue
             style_loss = sum(
-                relative_error(gram(made[n][item : item + 1]), self.targets[style][n])
+                relative_error(gram(made[n][item : item + 1]), targets[n])
                 for n in self.style_layers
             ) / len(self.style_layers)
             content_loss = sum(
@@ -128,7 +149,7 @@ class PerceptualLoss:
 
 
 def save(
-    path: Path,
+    folder: Path,
     net: FastStyleNet,
     styles: Sequence[Style],
     manifest: Manifest,
@@ -137,11 +158,17 @@ def save(
     optimizer: torch.optim.Optimizer,
 ) -> None:
     """Atomically: a crash mid-write never leaves a broken checkpoint."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / CHECKPOINT_FILE
     partial = path.with_suffix(".partial")
     torch.save(
         {
             "state_dict": net.state_dict(),
-            "styles": [{"name": s.name, "path": str(s.path)} for s in styles],
+            "layout": net.layout.as_dict(),
+            "styles": [
+                {"name": s.name, "path": str(s.path) if s.path else None, "sha256": s.sha256}
+                for s in styles
+            ],
             "feature_model": manifest.model,
             "feature_weights_sha256": manifest.weights_sha256,
             "config": asdict(config),
@@ -153,12 +180,32 @@ def save(
     partial.replace(path)
 
 
-def load(path: Path) -> tuple[FastStyleNet, list[Style], dict[str, Any]]:
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    styles = [Style(s["name"], Path(s["path"])) for s in checkpoint["styles"]]
-    net = FastStyleNet(len(styles))
+def load(folder: Path) -> tuple[FastStyleNet, list[Style], dict[str, Any]]:
+    checkpoint = torch.load(folder / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
+    styles = [
+        Style(s["name"], Path(s["path"]) if s["path"] else None) for s in checkpoint["styles"]
+    ]
+    net = FastStyleNet(len(styles), Layout(**checkpoint["layout"]))
     net.load_state_dict(checkpoint["state_dict"])
     return net, styles, checkpoint
+
+
+def export_model(folder: Path) -> FastManifest:
+    """The two ONNX exports of a checkpoint (one mix, a mix per pixel) and their manifest."""
+    net, _, checkpoint = load(folder)
+    manifest = FastManifest(
+        name=folder.name,
+        styles=tuple(FastStyle(s["name"], s["sha256"]) for s in checkpoint["styles"]),
+        feature_model=checkpoint["feature_model"],
+        feature_weights_sha256=checkpoint["feature_weights_sha256"],
+        layout=checkpoint["layout"],
+        multiple=MULTIPLE,
+        steps=checkpoint["step"],
+    )
+    export_onnx(net, folder / manifest.onnx_file)
+    export_onnx(net, folder / manifest.per_pixel_onnx_file, per_pixel=True)
+    manifest.save(folder)
+    return manifest
 
 
 def train(
@@ -175,12 +222,15 @@ def train(
     optimizer_state: dict[str, Any] | None = None,
     content_folders: Sequence[Path] = (),
     checkpoint_every: int = 200,
+    device: str = "cpu",
 ) -> list[float]:
     """Train (all parameters, or only `trainable`) and return the loss of every step."""
     if config.size_px % MULTIPLE:
         raise ValueError(f"size_px must be a multiple of {MULTIPLE}, got {config.size_px}")
     rng = random.Random(config.seed + start_step)
     torch.manual_seed(config.seed + start_step)
+    net.to(device)
+    features.to(device)
     loss_of = PerceptualLoss(features, manifest, styles, config)
     parameters = list(trainable) if trainable is not None else list(net.parameters())
     optimizer = torch.optim.Adam(parameters, lr=config.learning_rate)
@@ -194,9 +244,9 @@ def train(
         range(start_step, config.steps), initial=start_step, total=config.steps, unit="step"
     )
     for step in progress:
-        content = next(batches)
+        content = next(batches).to(device)
         picked = [rng.choice(choices) for _ in range(config.batch)]
-        weights = torch.zeros(config.batch, len(styles))
+        weights = torch.zeros(config.batch, len(styles), device=device)
         weights[range(config.batch), picked] = 1.0
         optimizer.zero_grad(set_to_none=True)
         loss = loss_of(net(content, weights), content, picked)
@@ -206,6 +256,7 @@ def train(
         progress.set_postfix(loss=f"{losses[-1]:.3g}")
         if (step + 1) % checkpoint_every == 0 or step + 1 == config.steps:
             save(out, net, styles, manifest, config, step + 1, optimizer)
+    net.cpu()
     return losses
 
 
@@ -213,7 +264,7 @@ def add_style(net: FastStyleNet, styles: list[Style], new: Style) -> list[torch.
     """Grow the network by one style; everything but its (γ, β) is frozen."""
     for parameter in net.parameters():
         parameter.requires_grad_(False)
-    fresh = net.add_style(like=0)
+    fresh = net.add_style(like=len(styles) - 1)  # a trained style starts nearer
     styles.append(new)
     for parameter in fresh:
         parameter.requires_grad_(True)
@@ -222,8 +273,10 @@ def add_style(net: FastStyleNet, styles: list[Style], new: Style) -> list[torch.
 
 def _style(text: str) -> Style:
     name, _, path = text.partition("=")
-    if not path or not Path(path).is_file():
+    if not name or not path or not Path(path).is_file():
         raise argparse.ArgumentTypeError(f"{text}: give NAME=IMAGE with an existing image")
+    if name == IDENTITY:
+        raise argparse.ArgumentTypeError(f"{text}: '{IDENTITY}' is the built-in identity style")
     return Style(name, Path(path))
 
 
@@ -235,10 +288,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--style", dest="styles", action="append", type=_style, default=[], metavar="NAME=IMAGE"
     )
     parser.add_argument(
-        "--add-style", type=_style, metavar="NAME=IMAGE", help="add one style to --resume's network"
+        "--add-style", type=_style, metavar="NAME=IMAGE", help="add one style to the network"
     )
     parser.add_argument(
-        "--resume", type=Path, help="a checkpoint to continue (or to add a style to)"
+        "--resume", action="store_true", help="continue the checkpoint in the output folder"
     )
     parser.add_argument(
         "--content", type=Path, action="append", default=[], help="more content images"
@@ -250,35 +303,41 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=TrainingConfig.steps)
     parser.add_argument("--size", type=int, default=TrainingConfig.size_px)
     parser.add_argument("--batch", type=int, default=TrainingConfig.batch)
-    parser.add_argument("-o", "--output", type=Path, required=True)
+    parser.add_argument("--device", default="cpu", help="where to train: cpu, cuda, cuda:1")
+    parser.add_argument(
+        "-o", "--output", type=Path, required=True, help="the model folder, e.g. models/fast/demo"
+    )
     args = parser.parse_args(argv)
+    if args.size % MULTIPLE or args.size < 32:
+        parser.error(f"--size must be a multiple of {MULTIPLE} and at least 32, got {args.size}")
+    names = [style.name for style in args.styles]
+    if len(set(names)) != len(names):
+        parser.error(f"style names must differ, got {names}")
     features, manifest = load_feature_net(args.model_dir / args.model)
     config = TrainingConfig(size_px=args.size, batch=args.batch, steps=args.steps)
-    if args.resume:
-        net, styles, checkpoint = load(args.resume)
+    if args.resume or args.add_style:
+        if not (args.output / CHECKPOINT_FILE).is_file():
+            parser.error(f"no {CHECKPOINT_FILE} in {args.output} to resume or add a style to")
+        net, styles, checkpoint = load(args.output)
         if checkpoint["feature_weights_sha256"] != manifest.weights_sha256:
-            parser.error(f"{args.resume} was trained with other feature weights than {args.model}")
+            parser.error(f"{args.output} was trained with other feature weights than {args.model}")
         if args.add_style:
+            if args.add_style.name in [style.name for style in styles]:
+                parser.error(f"{args.output} already has a style named {args.add_style.name}")
             fresh = add_style(net, styles, args.add_style)
             train(net, styles, features, manifest, config, args.output, trainable=fresh,
-                  train_styles=[len(styles) - 1], content_folders=args.content)  # fmt: skip
+                  train_styles=[len(styles) - 1], content_folders=args.content, device=args.device)  # fmt: skip
         else:
             train(net, styles, features, manifest, config, args.output,
                   start_step=checkpoint["step"], optimizer_state=checkpoint["optimizer"],
-                  content_folders=args.content)  # fmt: skip
+                  content_folders=args.content, device=args.device)  # fmt: skip
     else:
         if not args.styles:
-            parser.error("give at least one --style NAME=IMAGE (or --resume a checkpoint)")
-        styles = list(args.styles)
-        train(
-            FastStyleNet(len(styles)),
-            styles,
-            features,
-            manifest,
-            config,
-            args.output,
-            content_folders=args.content,
-        )
+            parser.error("give at least one --style NAME=IMAGE (or --resume)")
+        styles = [IDENTITY_STYLE, *args.styles]
+        train(FastStyleNet(len(styles)), styles, features, manifest, config, args.output,
+              content_folders=args.content, device=args.device)  # fmt: skip
+    export_model(args.output)
     print(f"wrote {args.output}")
     return 0
 

@@ -45,6 +45,48 @@ def lite0_dir() -> Path:
     return ensure_model("efficientnet-lite0", MODELS)
 
 
+FAST_STYLES = {  # name -> sample image; the identity first, as training makes it
+    "starry": "style/starry_night.jpg",
+    "scream": "style/the_scream.jpg",
+    "matisse": "style/woman-with-hat-matisse.jpg",
+}
+
+
+def write_fast_model(folder: Path, seed: int = 0) -> Path:
+    """An untrained fast network with distinct (γ, β) per style, saved and exported the way
+    training saves and exports one: real ONNX files, a real manifest, real style hashes."""
+    import torch
+
+    from export.fastnet import FastStyleNet
+    from export.train_fast import CHECKPOINT_FILE, export_model
+    from services.common.fastmodel import IDENTITY
+    from services.common.images import sha256
+
+    net = FastStyleNet(1 + len(FAST_STYLES))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in net.parameters():
+            parameter.add_(0.3 * torch.randn(parameter.shape, generator=generator))
+    styles = [{"name": IDENTITY, "path": None, "sha256": ""}] + [
+        {"name": name, "path": str(SAMPLES / path), "sha256": sha256(sample(path))}
+        for name, path in FAST_STYLES.items()
+    ]
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(
+        {"state_dict": net.state_dict(), "layout": net.layout.as_dict(), "styles": styles,
+         "feature_model": "vgg19", "feature_weights_sha256": "", "config": {}, "step": 0,
+         "optimizer": {}},
+        folder / CHECKPOINT_FILE,
+    )  # fmt: skip
+    export_model(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def fast_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_fast_model(tmp_path_factory.mktemp("fast") / "test-model")
+
+
 def serve(servicer: Servicer, max_message_bytes: int = 64 * MiB) -> RunningServer:
     return start_server(
         lambda _: [servicer], address="127.0.0.1:0", max_message_bytes=max_message_bytes

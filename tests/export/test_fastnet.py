@@ -127,3 +127,34 @@ def test_adding_a_style_trains_only_its_gamma_beta(features, tmp_path: Path) -> 
                 fast(image, one_hot(style, 3)), before[style], rtol=0, atol=0
             )
         assert not torch.equal(fast(image, one_hot(2, 3)), fast(image, one_hot(0, 3)))
+
+
+def test_a_uniform_per_pixel_mix_equals_the_global_mix_and_a_split_map_leans_each_way() -> None:
+    net = randomised(FastStyleNet(2))
+    image = torch.rand(1, 3, 48, 64)
+    with torch.no_grad():
+        mix = torch.tensor([[0.3, 0.7]])
+        uniform = mix[:, :, None, None].expand(1, 2, 48, 64).contiguous()
+        torch.testing.assert_close(net(image, uniform), net(image, mix))
+        left = torch.zeros(1, 2, 48, 64)
+        left[:, 0, :, :32], left[:, 1, :, 32:] = 1.0, 1.0
+        split = net(image, left)
+        first, second = net(image, one_hot(0, 2)), net(image, one_hot(1, 2))
+
+    def gap(a: torch.Tensor, b: torch.Tensor, side: slice) -> float:
+        return float((a[..., side] - b[..., side]).abs().mean())
+
+    assert gap(split, first, slice(0, 24)) < gap(split, second, slice(0, 24))
+    assert gap(split, second, slice(40, 64)) < gap(split, first, slice(40, 64))
+
+
+def test_per_pixel_onnx_export_agrees_with_pytorch(tmp_path: Path) -> None:
+    net = randomised(FastStyleNet(3))
+    path = export_onnx(net, tmp_path / "fast-per-pixel.onnx", per_pixel=True)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    image = torch.rand(1, 3, 40, 56)
+    weights = torch.softmax(torch.randn(1, 3, 40, 56), dim=1)
+    (got,) = session.run(None, {"image": image.numpy(), "style_weights": weights.numpy()})
+    with torch.no_grad():
+        expected = net(image, weights).numpy()
+    assert np.linalg.norm(got - expected) / np.linalg.norm(expected) < 1e-4
