@@ -20,6 +20,7 @@ from services.common.errors import FailedPrecondition
 from services.common.manifest import MANIFEST_FILE
 from services.common.server import RunningServer, Servicer, start_server
 from services.features.core import FeatureExtractor
+from services.features.fast import FastModels
 from services.features.servicer import features_servicer
 from services.gateway.core import Gateway
 from services.gateway.servicer import style_blend_servicer
@@ -45,7 +46,8 @@ def build_features(config: FeaturesConfig) -> Servicer:
     extractor = FeatureExtractor(
         model_folder(config), config.providers, config.cache_bytes, config.intra_op_threads
     )
-    return features_servicer(extractor)
+    fast = FastModels(config.fast_model_dir, config.providers, config.intra_op_threads)
+    return features_servicer(extractor, fast)
 
 
 def build_blending(config: BlendingConfig) -> Servicer:

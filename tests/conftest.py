@@ -129,9 +129,11 @@ def start_gateway(upstreams: dict[str, str], **limits: int) -> tuple[RunningServ
 
 
 @pytest.fixture(scope="session")
-def graph(vgg19_dir: Path) -> Iterator[Graph]:
+def graph(vgg19_dir: Path, fast_model_dir: Path) -> Iterator[Graph]:
     models = vgg19_dir.parent
-    features_servicer = build_features(FeaturesConfig(model="vgg19", model_dir=models))
+    features_servicer = build_features(
+        FeaturesConfig(model="vgg19", model_dir=models, fast_model_dir=fast_model_dir.parent)
+    )
     features = serve(features_servicer)
     blending = serve(build_blending(BlendingConfig()))
     reconstruction = serve(

@@ -48,6 +48,15 @@ def build_parser() -> argparse.ArgumentParser:
     blend.add_argument(
         "--script", type=Path, metavar="FILE", help="timed changes: `at 40: style 0.2,0.8`"
     )
+    blend.add_argument(
+        "--fast", metavar="MODEL", help="an instant image from this trained fast network"
+    )
+    blend.add_argument(
+        "--strength", type=float, metavar="S", help="with --fast: 0 (the photo) .. 1 (default)"
+    )
+    blend.add_argument(
+        "--refine", action="store_true", help="with --fast: optimise on from the network's image"
+    )
     blend.add_argument("--preserve-color", choices=("luminance", "histogram"))
     blend.add_argument(
         "--scales", type=int, metavar="N", help="coarse-to-fine scales (default: by size)"
@@ -93,6 +102,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "blend":
             if bool(args.sources) == bool(args.recipe):
                 raise SystemExit("styleblend blend: give --source ... or --recipe FILE (not both)")
+            if not args.fast and (args.strength is not None or args.refine):
+                raise SystemExit("styleblend blend: --strength and --refine go with --fast MODEL")
             return remote.blend(args)
         if args.command == "info":
             return remote.info(args)

@@ -80,6 +80,11 @@ def blend_request(args: argparse.Namespace) -> styleblend_pb2.BlendRequest:
             message.style_map.data = source.style_map.read_bytes()
         if source.content_map:
             message.content_map.data = source.content_map.read_bytes()
+    if args.fast:
+        request.fast.model = args.fast
+        request.fast.refine = args.refine
+        if args.strength is not None:
+            request.fast.strength = args.strength
     if args.init_image:
         request.init = styleblend_pb2.INIT_IMAGE
         request.init_image = args.init_image.read_bytes()
@@ -125,7 +130,11 @@ def blend(args: argparse.Namespace) -> int:
     write_result(result, args.output, paths)
     print(
         f"wrote {args.output} ({result.width_px}×{result.height_px}, "
-        f"{result.stats.iterations} iterations in {result.stats.seconds:.1f} s)"
+        + (
+            f"{result.stats.iterations} iterations in {result.stats.seconds:.1f} s)"
+            if result.stats.iterations
+            else "from the fast network)"
+        )
         + (f"; previews in {args.previews}" if args.previews else "")
     )
     return 0
@@ -188,7 +197,13 @@ def follow(
                 )
                 on_iteration(progress.iteration)
             elif event.HasField("preview") and args.previews:
-                path = args.previews / f"preview_{event.preview.iteration:05d}.jpg"
+                preview = event.preview
+                name = (
+                    f"fast_{preview.update_id:05d}.png"
+                    if preview.fast
+                    else (f"preview_{preview.iteration:05d}.jpg")
+                )
+                path = args.previews / name
                 path.write_bytes(event.preview.image)
             elif event.HasField("update_rejected"):
                 rejected = event.update_rejected

@@ -6,12 +6,23 @@ import grpc
 import numpy as np
 from styleblend.internal.v1 import blending_pb2, blending_pb2_grpc
 
-from services.blending.core import Region, SourceFeatures, StyleChannel, blend_targets
+from services.blending.core import (
+    Region,
+    SourceFeatures,
+    StyleChannel,
+    StyleSource,
+    blend_targets,
+    mix_styles,
+)
 from services.common import images, wire
 from services.common.server import Servicer
 
 
-def _mask(data: bytes, request: blending_pb2.BlendTargetsRequest, what: str) -> np.ndarray | None:
+def _mask(
+    data: bytes,
+    request: blending_pb2.BlendTargetsRequest | blending_pb2.MixStylesRequest,
+    what: str,
+) -> np.ndarray | None:
     return images.to_mask(data, request.width_px, request.height_px, what) if data else None
 
 
@@ -38,21 +49,47 @@ class BlendingServicer(blending_pb2_grpc.BlendingServiceServicer):
             )
             for i, source in enumerate(request.sources)
         ]
-        regions = [
-            Region(
-                mask=images.to_mask(
-                    region.mask, request.width_px, request.height_px, f"regions[{k}].mask"
-                ),
-                style_weights=list(region.style_weights),
-            )
-            for k, region in enumerate(request.regions)
-        ]
-        targets = blend_targets(sources, regions, dict(request.layer_strides))
+        targets = blend_targets(sources, _regions(request), dict(request.layer_strides))
         return blending_pb2.BlendTargetsResponse(
             channels=[channel_message(channel) for channel in targets.channels],
             features=wire.to_layer_tensors(targets.features),
             content_weights=wire.to_layer_tensors(targets.content_weights),
         )
+
+    def MixStyles(
+        self, request: blending_pb2.MixStylesRequest, context: grpc.ServicerContext
+    ) -> blending_pb2.MixStylesResponse:
+        sources = [
+            StyleSource(
+                style=source.style,
+                style_weight=source.style_weight,
+                style_map=_mask(source.style_map, request, f"sources[{i}].style_map"),
+            )
+            for i, source in enumerate(request.sources)
+        ]
+        mix = mix_styles(
+            sources,
+            _regions(request),
+            styles=request.styles,
+            identity=request.identity,
+            strength=request.strength,
+            size=(request.width_px, request.height_px),
+        )
+        return blending_pb2.MixStylesResponse(mix=wire.to_tensor(mix))
+
+
+def _regions(
+    request: blending_pb2.BlendTargetsRequest | blending_pb2.MixStylesRequest,
+) -> list[Region]:
+    return [
+        Region(
+            mask=images.to_mask(
+                region.mask, request.width_px, request.height_px, f"regions[{k}].mask"
+            ),
+            style_weights=list(region.style_weights),
+        )
+        for k, region in enumerate(request.regions)
+    ]
 
 
 def blending_servicer() -> Servicer:

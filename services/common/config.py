@@ -45,6 +45,9 @@ class FeaturesConfig(ModelConfig):
     )
     cache_bytes: int = Field(512 * MiB, ge=0, description="memory budget of the feature cache")
     intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime threads; 0 = its default")
+    fast_model_dir: Path = Field(
+        Path("models/fast"), description="folder of trained feed-forward networks, one each"
+    )
 
     @field_validator("providers", mode="before")
     @classmethod

@@ -49,8 +49,15 @@ class FastManifest:
         path.write_text(json.dumps(asdict(self), indent=2) + "\n")
         return path
 
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
     @classmethod
-    def load(cls, folder: Path) -> FastManifest:
-        raw = json.loads((folder / FAST_MANIFEST_FILE).read_text())
+    def from_json(cls, text: str) -> FastManifest:
+        raw = json.loads(text)
         raw["styles"] = tuple(FastStyle(**style) for style in raw["styles"])
         return cls(**raw)
+
+    @classmethod
+    def load(cls, folder: Path) -> FastManifest:
+        return cls.from_json((folder / FAST_MANIFEST_FILE).read_text())

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
-from services.common.errors import InvalidArgument
-from services.common.fastmodel import FastManifest
+from services.common import colour, images
+from services.common.errors import FailedPrecondition, InvalidArgument
+from services.common.fastmodel import FAST_MANIFEST_FILE, FastManifest
 from services.features.core import choose_providers
 
 log = logging.getLogger(__name__)
@@ -76,3 +78,46 @@ class FastStyliser:
         if not np.all(np.isfinite(mix)) or np.any(mix < 0):
             raise InvalidArgument("style mix weights must be finite and non-negative")
         return height, width
+
+
+class FastModels:
+    """Every trained network in a folder (one subfolder each), loaded once, found by name."""
+
+    def __init__(self, root: Path, providers: Sequence[str], intra_op_threads: int = 0) -> None:
+        self.root = root
+        folders = sorted(p.parent for p in root.glob(f"*/{FAST_MANIFEST_FILE}"))
+        self.models = {
+            folder.name: FastStyliser(folder, providers, intra_op_threads) for folder in folders
+        }
+
+    def get(self, name: str) -> FastStyliser:
+        if name not in self.models:
+            known = ", ".join(sorted(self.models)) or "none"
+            raise FailedPrecondition(
+                f"no fast model named {name!r} in {self.root} (there are: {known}); "
+                "train one with `make fast-model` or `python -m export.train_fast`"
+            )
+        return self.models[name]
+
+    def stylise(
+        self,
+        name: str,
+        image: bytes,
+        width: int,
+        height: int,
+        mix: np.ndarray,
+        keep_chrominance: bool,
+    ) -> tuple[bytes, float]:
+        """PNG bytes of the network's image at width × height, and the milliseconds it took."""
+        styliser = self.get(name)
+        if width < 2 or height < 2:
+            raise InvalidArgument(
+                f"width_px and height_px must be at least 2, got {width}×{height}"
+            )
+        content = images.to_canvas(image, width, height, "image")
+        started = time.perf_counter()
+        pixels = styliser.stylise(content, mix)
+        milliseconds = (time.perf_counter() - started) * 1000
+        if keep_chrominance:
+            pixels = colour.with_chrominance(colour.luminance(pixels), content)
+        return images.encode(pixels), milliseconds

@@ -6,8 +6,10 @@ import grpc
 from styleblend.internal.v1 import features_pb2, features_pb2_grpc
 
 from services.common import wire
+from services.common.errors import FailedPrecondition
 from services.common.server import Servicer
 from services.features.core import FeatureExtractor
+from services.features.fast import FastModels, FastStyliser
 
 _COLOR_TRANSFORMS = {
     features_pb2.COLOR_TRANSFORM_UNSPECIFIED: "",
@@ -17,8 +19,9 @@ _COLOR_TRANSFORMS = {
 
 
 class FeaturesServicer(features_pb2_grpc.FeaturesServiceServicer):
-    def __init__(self, extractor: FeatureExtractor) -> None:
+    def __init__(self, extractor: FeatureExtractor, fast: FastModels | None = None) -> None:
         self.extractor = extractor
+        self.fast = fast
 
     def Extract(
         self, request: features_pb2.ExtractRequest, context: grpc.ServicerContext
@@ -44,12 +47,31 @@ class FeaturesServicer(features_pb2_grpc.FeaturesServiceServicer):
         return features_pb2.GetModelResponse(
             manifest_json=self.extractor.manifest.to_json(),
             execution_providers=self.extractor.providers,
+            fast_manifests_json=[model.manifest.to_json() for model in self._fast_models()],
         )
 
+    def Stylise(
+        self, request: features_pb2.StyliseRequest, context: grpc.ServicerContext
+    ) -> features_pb2.StyliseResponse:
+        if self.fast is None:
+            raise FailedPrecondition("this features service has no fast models")
+        image, milliseconds = self.fast.stylise(
+            request.model,
+            request.image,
+            request.width_px,
+            request.height_px,
+            wire.from_tensor(request.mix, "mix"),
+            request.keep_chrominance,
+        )
+        return features_pb2.StyliseResponse(image=image, milliseconds=milliseconds)
 
-def features_servicer(extractor: FeatureExtractor) -> Servicer:
+    def _fast_models(self) -> list[FastStyliser]:
+        return list(self.fast.models.values()) if self.fast else []
+
+
+def features_servicer(extractor: FeatureExtractor, fast: FastModels | None = None) -> Servicer:
     return Servicer(
         features_pb2.DESCRIPTOR.services_by_name["FeaturesService"].full_name,
-        FeaturesServicer(extractor),
+        FeaturesServicer(extractor, fast),
         features_pb2_grpc.add_FeaturesServiceServicer_to_server,
     )

@@ -10,11 +10,19 @@ from styleblend.v1 import styleblend_pb2
 
 from services.common import images
 from services.common.config import GatewayConfig
+from services.common.fastmodel import FastManifest
 from services.common.manifest import Manifest
 from services.gateway.plan import plan_blend
 from services.gateway.run import BlendRun, Upstreams
 
 VERSION = "0.1.0"
+
+
+@dataclass(frozen=True)
+class Model:
+    manifest: Manifest
+    providers: list[str]
+    fast: dict[str, FastManifest]  # by name
 
 
 @dataclass(frozen=True)
@@ -31,13 +39,18 @@ class Gateway:
             maxsize=config.upload_store_bytes, getsizeof=len
         )
         self._lock = threading.Lock()
-        self._model: tuple[Manifest, list[str]] | None = None
+        self._model: Model | None = None
 
-    def model(self) -> tuple[Manifest, list[str]]:
-        """The features service's manifest and providers, fetched once it answers."""
+    def model(self) -> Model:
+        """The features service's manifests and providers, fetched once it answers."""
         if self._model is None:
             answer = self.upstreams.get_model()
-            self._model = Manifest.from_json(answer.manifest_json), list(answer.execution_providers)
+            fast = [FastManifest.from_json(text) for text in answer.fast_manifests_json]
+            self._model = Model(
+                Manifest.from_json(answer.manifest_json),
+                list(answer.execution_providers),
+                {manifest.name: manifest for manifest in fast},
+            )
         return self._model
 
     def upload(self, data: bytes) -> Upload:
@@ -53,12 +66,13 @@ class Gateway:
 
     def start(self, request: styleblend_pb2.BlendRequest) -> BlendRun:
         """Check everything and return the run; nothing has been computed yet."""
-        manifest, _ = self.model()
-        plan = plan_blend(request, manifest, self.config, self.uploaded)
-        return BlendRun(plan, manifest, self.upstreams, self.config, self.uploaded)
+        model = self.model()
+        plan = plan_blend(request, model.manifest, self.config, self.uploaded, model.fast)
+        return BlendRun(plan, model.manifest, self.upstreams, self.config, self.uploaded)
 
     def info(self) -> styleblend_pb2.GetInfoResponse:
-        manifest, providers = self.model()
+        model = self.model()
+        manifest = model.manifest
         device = self.upstreams.get_device()
         config, losses = self.config, manifest.loss_defaults
         return styleblend_pb2.GetInfoResponse(
@@ -89,7 +103,18 @@ class Gateway:
                 max_image_pixels=config.max_image_pixels,
                 max_scales=config.max_scales,
             ),
-            execution_providers=providers,
+            execution_providers=model.providers,
+            fast_models=[
+                styleblend_pb2.FastModel(
+                    name=fast.name,
+                    styles=[
+                        styleblend_pb2.FastStyle(name=s.name, sha256=s.sha256) for s in fast.styles
+                    ],
+                    feature_model=fast.feature_model,
+                    steps=fast.steps,
+                )
+                for fast in model.fast.values()
+            ],
             reconstruction_device=device.device,
             version=VERSION,
         )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import secrets
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,7 +13,8 @@ from styleblend.v1 import styleblend_pb2
 
 from services.common import images
 from services.common.config import GatewayConfig
-from services.common.errors import InvalidArgument, ResourceExhausted
+from services.common.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from services.common.fastmodel import FastManifest
 from services.common.manifest import Manifest
 
 MIN_SIDE_PX = 32
@@ -53,6 +54,15 @@ class Scale:
 
 
 @dataclass(frozen=True)
+class FastPlan:
+    model: FastManifest
+    identity: int  # the network's identity style
+    styles: tuple[int, ...]  # the network's style for each source; -1: none
+    strength: float
+    refine: bool  # the iterative reconstruction follows, from the network's image
+
+
+@dataclass(frozen=True)
 class Plan:
     sources: tuple[PlannedSource, ...]
     regions: tuple[PlannedRegion, ...]
@@ -70,6 +80,7 @@ class Plan:
     learning_rate: float
     preserve_color: int  # styleblend_pb2.PreserveColor
     style_scale: float
+    fast: FastPlan | None = None
 
     @property
     def canvas(self) -> Scale:
@@ -204,6 +215,55 @@ def _check_blend(
         )
 
 
+def _strength(value: float, field: str) -> float:
+    if not math.isfinite(value) or not 0 <= value <= 1:
+        raise InvalidArgument(f"{field} must be within 0..1, got {value}")
+    return value
+
+
+def _check_fast(
+    fast: FastPlan, sources: Sequence[PlannedSource], regions: Sequence[PlannedRegion]
+) -> None:
+    """Every source that brings style must be one of the network's styles."""
+    names = ", ".join(style.name for style in fast.model.styles if style.sha256)
+    for i, source in enumerate(sources):
+        styled = source.style_weight > 0 or any(r.style_weights[i] > 0 for r in regions)
+        if styled and fast.styles[i] < 0:
+            raise FailedPrecondition(
+                f"sources[{i}] brings style, but fast model {fast.model.name!r} was not trained "
+                f"on that image (its styles: {names}); set its style weight to 0 or train it "
+                "in with `python -m export.train_fast --add-style`"
+            )
+    if not any(s.content_weight > 0 for s in sources):
+        raise InvalidArgument("fast: the network needs a source with a content_weight > 0")
+
+
+def plan_fast(
+    request: styleblend_pb2.FastOptions,
+    sources: Sequence[PlannedSource],
+    regions: Sequence[PlannedRegion],
+    fast_models: Mapping[str, FastManifest],
+) -> FastPlan:
+    model = fast_models.get(request.model)
+    if model is None:
+        known = ", ".join(sorted(fast_models)) or "none; train one with `make fast-model`"
+        raise InvalidArgument(f"fast.model: no fast model {request.model!r} (there are: {known})")
+    if model.identity is None:
+        raise FailedPrecondition(f"fast model {model.name!r} has no identity style for strength")
+    fast = FastPlan(
+        model=model,
+        identity=model.identity,
+        styles=tuple(
+            -1 if (style := model.style_for(s.image.sha256)) is None else style for s in sources
+        ),
+        strength=_strength(request.strength, "fast.strength") if request.HasField("strength")
+        else 1.0,
+        refine=request.refine,
+    )  # fmt: skip
+    _check_fast(fast, sources, regions)
+    return fast
+
+
 def plan_scales(
     request: styleblend_pb2.BlendRequest, width: int, height: int, config: GatewayConfig
 ) -> tuple[Scale, ...]:
@@ -246,6 +306,7 @@ def plan_blend(
     manifest: Manifest,
     config: GatewayConfig,
     uploads: Uploads,
+    fast_models: Mapping[str, FastManifest] | None = None,
 ) -> Plan:
     count = len(request.sources)
     if count == 0:
@@ -312,6 +373,9 @@ def plan_blend(
         ),
         preserve_color=request.preserve_color,
         style_scale=style_scale,
+        fast=plan_fast(request.fast, sources, regions, fast_models or {})
+        if request.HasField("fast")
+        else None,
     )
 
 
@@ -346,8 +410,18 @@ def apply_update(
     if update.HasField("regions"):
         regions = _regions(update.regions.regions, len(sources), resolve)
     _check_blend(sources, regions, plan.preserve_color)
+    fast = plan.fast
+    if update.HasField("fast_strength"):
+        if fast is None:
+            raise InvalidArgument("fast_strength: this session was not started with `fast`")
+        fast = dataclasses.replace(
+            fast, strength=_strength(update.fast_strength, "update.fast_strength")
+        )
+    if fast is not None:
+        _check_fast(fast, sources, regions)
     return dataclasses.replace(
         plan,
+        fast=fast,
         sources=tuple(sources),
         regions=regions,
         content_loss_weight=_optional(update, "content_loss_weight", plan.content_loss_weight),

@@ -55,6 +55,11 @@ def resolved_request(plan: Plan) -> styleblend_pb2.BlendRequest:
         learning_rate=plan.learning_rate,
         preserve_color=plan.preserve_color,  # type: ignore[arg-type]
         style_scale=plan.style_scale,
+        fast=styleblend_pb2.FastOptions(
+            model=plan.fast.model.name, strength=plan.fast.strength, refine=plan.fast.refine
+        )
+        if plan.fast
+        else None,
     )
 
 

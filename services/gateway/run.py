@@ -23,6 +23,7 @@ from services.gateway.plan import Plan, PlannedSource, Scale, Uploads, apply_upd
 from services.gateway.recipe import RECIPE_KEY, recipe_json
 
 _END = object()
+_FINISH = styleblend_pb2.SessionUpdate()  # queued behind the updates: the fast path's finish
 _LUMINANCE = styleblend_pb2.PRESERVE_COLOR_LUMINANCE
 _HISTOGRAM = styleblend_pb2.PRESERVE_COLOR_HISTOGRAM
 
@@ -40,6 +41,10 @@ class Upstreams(Protocol):
     def blend_targets(
         self, request: blending_pb2.BlendTargetsRequest
     ) -> blending_pb2.BlendTargetsResponse: ...
+    def mix_styles(
+        self, request: blending_pb2.MixStylesRequest
+    ) -> blending_pb2.MixStylesResponse: ...
+    def stylise(self, request: features_pb2.StyliseRequest) -> features_pb2.StyliseResponse: ...
     def get_device(self) -> reconstruction_pb2.GetDeviceResponse: ...
     def reconstruct(
         self, requests: Iterator[reconstruction_pb2.ReconstructRequest]
@@ -71,10 +76,19 @@ class BlendRun:
         self._stream: ReconstructStream | None = None
         self._cancelled = threading.Event()
         self._finishing = threading.Event()
+        self._fast_image = b""  # the network's latest image
 
     # --- the caller's side -------------------------------------------------------------------
-    def events(self) -> Iterator[styleblend_pb2.BlendEvent]:
-        job = self._job(self._scale_targets(self.plan))
+    def events(self, session: bool = False) -> Iterator[styleblend_pb2.BlendEvent]:
+        """A Blend's events, or a Session's: a fast-only session waits for `finish`."""
+        init_image = b""
+        if self.plan.fast is not None:
+            self._fast_image = init_image = self._stylised(self.plan)
+            yield self._fast_preview(0)
+            if not self.plan.fast.refine:
+                yield from self._fast_only(session)
+                return
+        job = self._job(self._scale_targets(self.plan), init_image)
         if self._cancelled.is_set():
             return
         self._stream = self.upstreams.reconstruct(self._requests(job))
@@ -119,6 +133,7 @@ class BlendRun:
 
     def finish(self) -> None:
         self._finishing.set()
+        self._work.put((_FINISH, self.plan))
         self._controls.put(
             reconstruction_pb2.ReconstructRequest(finish=styleblend_pb2.FinishSession())
         )
@@ -151,7 +166,60 @@ class BlendRun:
             for update, plan in keep:
                 if self._cancelled.is_set():
                     return
-                self._send_update(update, plan)
+                if plan.fast is not None:
+                    self._send_fast_preview(update, plan)
+                if plan.fast is None or plan.fast.refine:
+                    self._send_update(update, plan)
+            if any(item[0] is _FINISH for item in batch) and self._fast_only_run():
+                self._outbox.put(self._fast_result())
+                self._outbox.put(_END)
+                return
+
+    def _fast_only_run(self) -> bool:
+        return self.plan.fast is not None and not self.plan.fast.refine
+
+    def _fast_only(self, session: bool) -> Iterator[styleblend_pb2.BlendEvent]:
+        """No reconstruction: a Blend ends with the network's image, a Session on finish."""
+        if not session:
+            yield self._annotated(self._fast_result())
+            return
+        threading.Thread(target=self._work_on_updates, daemon=True, name="gateway-updates").start()
+        try:
+            while (item := self._outbox.get()) is not _END:
+                assert isinstance(item, styleblend_pb2.BlendEvent)
+                yield self._annotated(item)
+        finally:
+            self._cancelled.set()
+            self._work.put((styleblend_pb2.SessionUpdate(), self.plan))
+
+    def _send_fast_preview(self, update: styleblend_pb2.SessionUpdate, plan: Plan) -> None:
+        try:
+            self._fast_image = self._stylised(plan)
+        except StyleBlendError as error:
+            self._reject(update.update_id, error)
+            return
+        if self._fast_only_run():
+            self._applied.append((update.update_id, 0))
+        self._outbox.put(self._fast_preview(update.update_id))
+
+    def _fast_preview(self, update_id: int) -> styleblend_pb2.BlendEvent:
+        canvas = self.plan.canvas
+        preview = styleblend_pb2.Preview(
+            iteration=0,
+            image=self._fast_image,
+            width_px=canvas.width,
+            height_px=canvas.height,
+            fast=True,
+            update_id=update_id,
+        )
+        return styleblend_pb2.BlendEvent(preview=preview)
+
+    def _fast_result(self) -> styleblend_pb2.BlendEvent:
+        canvas = self.plan.canvas
+        result = styleblend_pb2.Result(
+            image=self._fast_image, width_px=canvas.width, height_px=canvas.height
+        )
+        return styleblend_pb2.BlendEvent(result=result)
 
     def _send_update(self, update: styleblend_pb2.SessionUpdate, plan: Plan) -> None:
         try:
@@ -213,6 +281,45 @@ class BlendRun:
             history += [(iteration, self._received[u]) for u in arrived[start:end]]
             start = end
         return history
+
+    # --- the feed-forward network -------------------------------------------------------------
+    def _stylised(self, plan: Plan) -> bytes:
+        """The network's image for this plan: the style mix from blending, the pixels from it."""
+        assert plan.fast is not None and plan.content_source is not None
+        canvas = plan.canvas
+        mix = self.upstreams.mix_styles(
+            blending_pb2.MixStylesRequest(
+                sources=[
+                    blending_pb2.StyleSource(
+                        style=style,
+                        style_weight=source.style_weight,
+                        style_map=source.style_map.data if source.style_map else b"",
+                    )
+                    for source, style in zip(plan.sources, plan.fast.styles, strict=True)
+                ],
+                regions=[
+                    blending_pb2.RegionWeights(
+                        mask=region.mask.data, style_weights=region.style_weights
+                    )
+                    for region in plan.regions
+                ],
+                styles=len(plan.fast.model.styles),
+                identity=plan.fast.identity,
+                strength=plan.fast.strength,
+                width_px=canvas.width,
+                height_px=canvas.height,
+            )
+        ).mix
+        return self.upstreams.stylise(
+            features_pb2.StyliseRequest(
+                model=plan.fast.model.name,
+                image=plan.content_source.image.data,
+                width_px=canvas.width,
+                height_px=canvas.height,
+                mix=mix,
+                keep_chrominance=plan.preserve_color == _LUMINANCE,
+            )
+        ).image
 
     # --- targets -----------------------------------------------------------------------------
     def _scale_targets(self, plan: Plan) -> list[reconstruction_pb2.ScaleTargets]:
@@ -305,13 +412,13 @@ class BlendRun:
         )
 
     def _job(
-        self, scales: list[reconstruction_pb2.ScaleTargets]
+        self, scales: list[reconstruction_pb2.ScaleTargets], init_image: bytes = b""
     ) -> reconstruction_pb2.ReconstructJob:
+        """`init_image`, when given (the network's image), overrides the plan's start."""
         plan = self.plan
-        init_image = b""
-        if plan.init_image is not None:
+        if not init_image and plan.init_image is not None:
             init_image = plan.init_image.data
-        elif plan.init == styleblend_pb2.INIT_CONTENT and plan.content_source is not None:
+        elif not init_image and plan.init == styleblend_pb2.INIT_CONTENT and plan.content_source:
             init_image = plan.content_source.image.data
         luminance = plan.preserve_color == _LUMINANCE
         return reconstruction_pb2.ReconstructJob(

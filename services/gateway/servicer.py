@@ -39,7 +39,7 @@ class StyleBlendServicer(styleblend_pb2_grpc.StyleBlendServicer):
         threading.Thread(
             target=follow, args=(request_iterator, run), daemon=True, name="session-follow"
         ).start()
-        for event in run.events():
+        for event in run.events(session=True):
             yield styleblend_pb2.SessionResponse(event=event)
 
     def UploadImage(

@@ -104,6 +104,14 @@ class Upstreams:
             "blending", self.config.blending_address, self.blending.BlendTargets, request
         )
 
+    def mix_styles(self, request: blending_pb2.MixStylesRequest) -> blending_pb2.MixStylesResponse:
+        return self._unary(
+            "blending", self.config.blending_address, self.blending.MixStyles, request
+        )
+
+    def stylise(self, request: features_pb2.StyliseRequest) -> features_pb2.StyliseResponse:
+        return self._unary("features", self.config.features_address, self.features.Stylise, request)
+
     def get_device(self) -> reconstruction_pb2.GetDeviceResponse:
         return self._unary(
             "reconstruction",

@@ -1,9 +1,10 @@
 import math
+import re
 
 import numpy as np
 import pytest
 
-from services.blending.core import Region, SourceFeatures, blend_targets
+from services.blending.core import Region, SourceFeatures, StyleSource, blend_targets, mix_styles
 from services.common.errors import InvalidArgument
 
 rng = np.random.default_rng(0)
@@ -136,3 +137,41 @@ def test_content_maps_split_the_canvas() -> None:
     np.testing.assert_allclose(f[:, :, 2], mixed, rtol=1e-5)
     np.testing.assert_allclose(w[:, 0], 2.0)
     np.testing.assert_allclose(w[:, 2], 1.5)
+
+
+def test_style_mix_normalises_weights_and_strength_mixes_in_the_identity() -> None:
+    sources = [StyleSource(-1, 0.0), StyleSource(1, 3.0), StyleSource(2, 1.0)]
+    mix = mix_styles(sources, [], styles=4, identity=0, strength=1.0, size=(8, 4))
+    np.testing.assert_allclose(mix, [0.0, 0.75, 0.25, 0.0])
+    half = mix_styles(sources, [], styles=4, identity=0, strength=0.5, size=(8, 4))
+    np.testing.assert_allclose(half, [0.5, 0.375, 0.125, 0.0])
+
+
+def test_style_mix_per_pixel_from_maps_and_regions_with_the_identity_where_no_style() -> None:
+    left = np.zeros((4, 8), np.float32)
+    left[:, :4] = 1.0
+    sources = [StyleSource(1, 1.0, style_map=left), StyleSource(2, 0.0)]
+    mix = mix_styles(sources, [], styles=3, identity=0, strength=1.0, size=(8, 4))
+    assert mix.shape == (3, 4, 8)
+    np.testing.assert_allclose(mix[:, 0, 0], [0, 1, 0])
+    np.testing.assert_allclose(mix[:, 0, 7], [1, 0, 0])  # no style here: the photo itself
+    regions = [Region(mask=1 - left, style_weights=[0.0, 2.0])]
+    mixed = mix_styles(sources, regions, styles=3, identity=0, strength=1.0, size=(8, 4))
+    np.testing.assert_allclose(mixed[:, 0, 7], [0, 0, 1])
+    np.testing.assert_allclose(mixed.sum(axis=0), 1.0, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("sources", "strength", "message"),
+    [
+        ([StyleSource(-1, 1.0)], 1.0, "sources[0] has a style weight but no style in the network"),
+        ([StyleSource(1, -1.0)], 1.0, "sources[0].style_weight must be a finite number >= 0"),
+        ([StyleSource(5, 1.0)], 1.0, "sources[0].style: 5 is not one of 3"),
+        ([StyleSource(1, 1.0)], 1.5, "strength must be within 0..1, got 1.5"),
+    ],
+)
+def test_bad_style_mixes_are_refused_by_name(
+    sources: list[StyleSource], strength: float, message: str
+) -> None:
+    with pytest.raises(InvalidArgument, match=re.escape(message)):
+        mix_styles(sources, [], styles=3, identity=0, strength=strength, size=(8, 4))

@@ -227,3 +227,22 @@ def test_a_recipe_whose_images_moved_is_refused(graph: Graph, tmp_path: Path, ca
         == 1
     )
     assert "has changed since the recipe was made" in capsys.readouterr().err
+
+
+def test_fast_blend_writes_the_network_image_and_replays(graph: Graph, tmp_path: Path) -> None:
+    out, again = tmp_path / "fast.png", tmp_path / "again.png"
+    code = main(["blend", "--source", f"{ASTRONAUT}:content=1", "--source", f"{STARRY}:style=1",
+                 "--fast", "test-model", "--strength", "0.7", "--size", "64",
+                 "--previews", str(tmp_path / "previews"), "-o", str(out),
+                 "--gateway", graph.address])  # fmt: skip
+    assert code == 0
+    assert Image.open(out).size == (64, 64)
+    assert [p.name for p in (tmp_path / "previews").iterdir()] == ["fast_00000.png"]
+    assert main(["blend", "--recipe", str(out), "-o", str(again), "--gateway", graph.address]) == 0
+    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(again)))
+
+
+def test_strength_without_fast_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match="--strength and --refine go with --fast MODEL"):
+        main(["blend", "--source", f"{STARRY}:style=1", "--strength", "0.5",
+              "-o", str(tmp_path / "x.png")])  # fmt: skip
