@@ -91,6 +91,7 @@ async function loadInfo() {
       `model ${info.model} · features on ${providers || "?"} · reconstruction on ` +
       `${info.reconstructionDevice || "?"} · v${info.version}`;
     applyLimits(info);
+    offerFastModels(info.fastModels || []);
   } catch (error) {
     $("model-info").textContent = "The gateway is not answering.";
     showError(error, "Could not reach the gateway");
@@ -106,6 +107,34 @@ function applyLimits(info) {
   if (limits.maxSidePx) $("size").max = limits.maxSidePx;
   if (limits.maxIterations) $("iterations").max = limits.maxIterations;
   if (limits.maxSources) state.maxSources = Math.min(limits.maxSources, PALETTE.length);
+}
+
+function offerFastModels(models) {
+  // Each trained network adds two methods: its image alone, or its image refined.
+  for (const model of models) {
+    const styles = (model.styles || []).filter((s) => s.sha256).map((s) => s.name).join(", ");
+    for (const [refine, words] of [[false, "instant"], [true, "instant, then refined"]]) {
+      const option = document.createElement("option");
+      option.value = JSON.stringify({ model: model.name, refine });
+      option.textContent = `Fast network ${model.name} (${styles}): ${words}`;
+      $("mode").append(option);
+    }
+  }
+}
+
+function fastOptions() {
+  const mode = $("mode").value;
+  if (mode === "iterative") return null;
+  return { ...JSON.parse(mode), strength: Number($("strength").value) };
+}
+
+function modeChanged() {
+  $("strength").disabled = fastOptions() === null;
+}
+
+function strengthMoved() {
+  $("strength-value").textContent = Number($("strength").value).toFixed(2);
+  if (state.run && state.run.fast) sendUpdate({ fastStrength: Number($("strength").value) });
 }
 
 async function loadSamples() {
@@ -493,6 +522,8 @@ async function start() {
     optimizer: $("optimizer").value,
     preserveColor: $("color").value,
   };
+  const fast = fastOptions();
+  if (fast) request.fast = fast;
   openSession(request);
 }
 
@@ -506,6 +537,7 @@ function openSession(request) {
     timer: null,
     ended: false,
     gotResult: false,
+    fast: Boolean(request.fast),
   };
   resetStatus();
   socket.addEventListener("open", () => socket.send(JSON.stringify({ start: request })));
@@ -519,11 +551,11 @@ function send(message) {
   run.socket.send(JSON.stringify(message));
 }
 
-function sendUpdate(sources) {
+function sendUpdate(changes) {
   const run = state.run;
   if (!run || run.ended) return;
   const updateId = run.nextUpdateId++;
-  send({ update: { updateId, sources } });
+  send({ update: { updateId, ...changes } });
   run.lastSentId = updateId;
   $("update-status").dataset.sentId = String(updateId);
   renderUpdateStatus();
@@ -539,18 +571,22 @@ function flushWeights() {
     .map((source, index) => ({ source, index }))
     .filter(({ source }) => run.pending.has(source.key));
   run.pending.clear();
-  sendUpdate(changed.map(({ source, index }) => ({
-    index, styleWeight: source.style, contentWeight: source.content,
-  })));
+  sendUpdate({
+    sources: changed.map(({ source, index }) => ({
+      index, styleWeight: source.style, contentWeight: source.content,
+    })),
+  });
 }
 
 function sendMaps(sources) {
-  sendUpdate(sources.map((source) => {
-    const index = state.sources.indexOf(source);
-    return source.painted
-      ? { index, styleMap: { data: mapPng(source.mask) } }
-      : { index, clearStyleMap: true };
-  }));
+  sendUpdate({
+    sources: sources.map((source) => {
+      const index = state.sources.indexOf(source);
+      return source.painted
+        ? { index, styleMap: { data: mapPng(source.mask) } }
+        : { index, clearStyleMap: true };
+    }),
+  });
 }
 
 function finish() {
@@ -563,7 +599,9 @@ function finish() {
 function setRunning(running) {
   $("start").disabled = running;
   $("finish").disabled = !running;
-  for (const id of ["size", "iterations", "optimizer", "color", "upload"]) $(id).disabled = running;
+  for (const id of ["size", "iterations", "optimizer", "color", "upload", "mode"]) {
+    $(id).disabled = running;
+  }
   document.querySelectorAll(".sample, .source .remove").forEach((b) => { b.disabled = running; });
 }
 
@@ -610,7 +648,9 @@ function formatLoss(value) {
 
 function renderUpdateStatus() {
   const status = $("update-status");
-  const inEffect = Number(status.dataset.updateId || 0);
+  const inEffect = Math.max(
+    Number(status.dataset.updateId || 0), Number(status.dataset.fastUpdateId || 0)
+  );
   const since = Number(status.dataset.updateIteration || 0);
   const sent = state.run ? state.run.lastSentId : 0;
   let text = inEffect ? `Update #${inEffect} in effect since iteration ${since}.` : "The blend as started.";
@@ -622,7 +662,15 @@ function renderUpdateStatus() {
 function onPreview(preview) {
   if (state.run && state.run.gotResult) return;
   setAspect(preview.widthPx, preview.heightPx);
-  showImage(`data:image/jpeg;base64,${preview.image}`, "preview", preview.iteration || 0);
+  // The network's images are PNG, the reconstruction's previews JPEG.
+  const type = preview.fast ? "png" : "jpeg";
+  showImage(`data:image/${type};base64,${preview.image}`, "preview", preview.iteration || 0);
+  if (preview.fast) {
+    const status = $("update-status");
+    status.dataset.fastUpdateId = String(Number(preview.updateId || 0));
+    $("iteration").textContent = `Fast network image for update #${Number(preview.updateId || 0)}`;
+    renderUpdateStatus();
+  }
   state.showing = "preview";
   drawOverlay();
 }
@@ -638,11 +686,13 @@ function onResult(result) {
   $("result-image").src = state.resultUrl;
   $("download").href = state.resultUrl;
   const early = stats.finishedEarly ? ", finished early" : "";
+  const made = stats.iterations
+    ? `${stats.iterations} iterations in ${(stats.seconds || 0).toFixed(1)} s${early}`
+    : "made by the fast network";
   $("result-stats").textContent =
-    `${result.widthPx}×${result.heightPx} px · ${stats.iterations} iterations in ` +
-    `${(stats.seconds || 0).toFixed(1)} s${early}. The PNG carries its recipe.`;
+    `${result.widthPx}×${result.heightPx} px · ${made}. The PNG carries its recipe.`;
   $("result").hidden = false;
-  $("iteration").textContent = `Done: ${stats.iterations} iterations.`;
+  $("iteration").textContent = stats.iterations ? `Done: ${stats.iterations} iterations.` : "Done.";
 }
 
 function onRejected(rejected) {
@@ -673,7 +723,9 @@ function resetStatus() {
   $("iteration").textContent = "Starting: extracting features…";
   delete $("iteration").dataset.iteration;
   const status = $("update-status");
-  for (const key of ["updateId", "updateIteration", "sentId"]) delete status.dataset[key];
+  for (const key of ["updateId", "updateIteration", "sentId", "fastUpdateId"]) {
+    delete status.dataset[key];
+  }
   renderUpdateStatus();
 }
 
@@ -682,6 +734,8 @@ function resetStatus() {
 function wire() {
   $("upload").addEventListener("change", addOwnFile);
   $("start").addEventListener("click", start);
+  $("mode").addEventListener("change", modeChanged);
+  $("strength").addEventListener("input", strengthMoved);
   $("finish").addEventListener("click", finish);
   $("clear-maps").addEventListener("click", clearMaps);
   $("brushes").addEventListener("change", (event) => {

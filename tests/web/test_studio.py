@@ -217,3 +217,33 @@ def test_a_file_that_is_not_an_image_is_refused_in_words(studio: Studio, studio_
     expect(message).to_contain_text("notes was refused")
     expect(message).to_contain_text("INVALID_ARGUMENT")
     expect(page.get_by_test_id("sources")).to_be_empty()
+
+
+def test_the_fast_network_answers_and_follows_the_strength_slider(
+    studio: Studio, studio_url: str
+) -> None:
+    page = studio.page
+    studio.open(studio_url)
+    studio.add_sample("chelsea", 0)
+    studio.add_sample("starry_night", 1)
+    studio.set_weight("content-0", 1.0)
+    studio.set_weight("style-0", 0.0)
+    studio.set_weight("style-1", 1.0)
+    studio.set_weight("content-1", 0.0)
+    page.get_by_test_id("size").fill("64")
+    mode = page.get_by_test_id("mode")
+    mode.select_option(label="Fast network test-model (starry, scream, matisse): instant")
+    page.get_by_test_id("start").click()
+    _, first = studio.wait_for_preview(0)
+    assert first.startswith("data:image/png;base64,")
+
+    studio.set_weight("strength", 0.5)
+    last = studio.attribute("update-status", "data-sent-id")
+    status = page.get_by_test_id("update-status")
+    expect(status).to_contain_text(f"Update #{last} in effect", timeout=WAIT_MS)
+    assert studio.updates()[last]["fastStrength"] == 0.5
+    assert page.get_by_test_id("preview").get_attribute("src") != first
+
+    page.get_by_test_id("finish").click()
+    expect(page.get_by_test_id("result-stats")).to_contain_text("made by the fast network")
+    assert not studio.errors
