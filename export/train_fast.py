@@ -46,6 +46,7 @@ class TrainingConfig:
     content_weight: float = 1.0  # α
     style_weight: float = 5.0  # β
     tv_weight: float = 1e-2  # γ
+    identity_weight: float = 10.0  # the identity style's pixel loss: strength 0 is the photo
     seed: int = 0
 
 
@@ -131,7 +132,9 @@ class PerceptualLoss:
         for item, style in enumerate(styles):
             targets = self.targets[style]
             if targets is None:
-                total = total + relative_error(output[item], content[item])
+                total = total + self.config.identity_weight * relative_error(
+                    output[item], content[item]
+                )
                 continue
             style_loss = sum(
                 relative_error(gram(made[n][item : item + 1]), targets[n])
@@ -326,7 +329,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 parser.error(f"{args.output} already has a style named {args.add_style.name}")
             fresh = add_style(net, styles, args.add_style)
             train(net, styles, features, manifest, config, args.output, trainable=fresh,
-                  train_styles=[len(styles) - 1], content_folders=args.content, device=args.device)  # fmt: skip
+                  train_styles=[len(styles) - 1], content_folders=args.content,
+                  device=args.device)  # fmt: skip
         else:
             train(net, styles, features, manifest, config, args.output,
                   start_step=checkpoint["step"], optimizer_state=checkpoint["optimizer"],

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import grpc
 
-from clients.cli import graph, remote
+from clients.cli import graph, remote, video
 from clients.cli.recipe import RecipeError
 from clients.cli.script import ScriptError
 from clients.cli.sources import parse_source
@@ -81,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     blend.add_argument("--preview-every", type=int, metavar="N")
     blend.add_argument("--gateway", default=remote.default_gateway(), metavar="HOST:PORT")
 
+    video.add_parser(commands)
+
     info = commands.add_parser("info", help="describe the running gateway: model, layers, limits")
     info.add_argument("--gateway", default=remote.default_gateway(), metavar="HOST:PORT")
 
@@ -107,6 +109,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return remote.blend(args)
         if args.command == "info":
             return remote.info(args)
+        if args.command == "video":
+            return video.video(args)
         return graph.export(args)
     except grpc.RpcError as error:
         print(remote.explain(error, args), file=sys.stderr)
