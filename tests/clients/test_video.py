@@ -17,7 +17,7 @@ def moving_square(path: Path, frames: int = 12, size: tuple[int, int] = (64, 48)
     clip = np.full((frames, height, width, 3), 40, np.uint8)
     for t in range(frames):
         clip[t, 10:26, 4 + 3 * t : 20 + 3 * t] = (230, 200, 60)
-    imageio.mimwrite(path, clip, fps=12, macro_block_size=1)
+    imageio.mimwrite(path, list(clip), fps=12, macro_block_size=1)
     return path
 
 
