@@ -129,9 +129,14 @@ MULTIPLE = 4  # two stride-2 layers: sides must divide by 4 to come back at the 
 
 
 class FastStyleNet(nn.Module):
-    """RGB in [0, 1] (sides a multiple of 4) and style weights → stylised RGB in [0, 1]."""
+    """RGB in [0, 1] (sides a multiple of 4) and style weights → stylised RGB in [0, 1].
 
-    def __init__(self, styles: int, layout: Layout = Layout()) -> None:
+    The network adds a residual to its input. With `identity`, style 0 is the identity: its
+    (γ, β) in the last normalisation are zero and frozen, so its residual is exactly 0 and
+    mixing it in with weight 1 − s is a strength s that reaches the photo itself at 0.
+    """
+
+    def __init__(self, styles: int, layout: Layout = Layout(), identity: bool = False) -> None:
         super().__init__()
         self.layout = layout
         full, half, quarter = layout.full, layout.half, layout.quarter
@@ -143,7 +148,14 @@ class FastStyleNet(nn.Module):
             SeparableResidual(quarter, styles) for _ in range(layout.residuals)
         )
         self.up = nn.ModuleList([Upsample(quarter, half, styles), Upsample(half, full, styles)])
-        self.out = nn.Conv2d(full, 3, 3, padding=1)
+        # No bias: a residual of exactly 0 must be possible; the styles' β shift it instead.
+        self.out = nn.Conv2d(full, 3, 3, padding=1, bias=False)
+        self.identity = identity
+        if identity:
+            last = self.up[1].smooth.pointwise.norm
+            for parameter in (last.gammas[0], last.betas[0]):
+                nn.init.zeros_(parameter)
+                parameter.requires_grad_(False)
 
     @property
     def styles(self) -> int:
@@ -164,7 +176,7 @@ class FastStyleNet(nn.Module):
             x = block(x, quarter)
         x = self.up[0](x, half)
         x = self.up[1](x, full)
-        return torch.sigmoid(self.out(x))
+        return torch.clamp(image + self.out(x), 0.0, 1.0)
 
     def add_style(self, like: int | None = None) -> list[nn.Parameter]:
         """Grow every CIN layer by one style; returns the new (γ, β), the only ones to train."""

@@ -2,11 +2,11 @@
 
 Each step stylises a batch of content crops, each with one style (one-hot weights), and
 scores the outputs with the same feature model, Gram matrices and relative losses as the
-reconstruction service. Style 0 is the identity, trained to give back its input, so that a
-mix with it is a strength control. Checkpoints keep the style names, the style images' sha256
-and the feature model's id and weights hash; training resumes from one, and `add_style`
-trains only a new style's (γ, β). The model folder gets the ONNX exports the features
-service runs and their manifest.
+reconstruction service. Style 0 is the identity, which gives back its input by construction
+(export/fastnet.py), so that a mix with it is a strength control. Checkpoints keep the style
+names, the style images' sha256 and the feature model's id and weights hash; training
+resumes from one, and `add_style` trains only a new style's (γ, β). The model folder gets the
+ONNX exports the features service runs and their manifest.
 
     python -m export.train_fast --style starry=clients/samples/style/starry_night.jpg \\
         --style scream=clients/samples/style/the_scream.jpg --steps 2000 -o models/fast/demo
@@ -46,7 +46,6 @@ class TrainingConfig:
     content_weight: float = 1.0  # α
     style_weight: float = 5.0  # β
     tv_weight: float = 1e-2  # γ
-    identity_weight: float = 10.0  # the identity style's pixel loss: strength 0 is the photo
     seed: int = 0
 
 
@@ -98,7 +97,7 @@ def crops(
 class PerceptualLoss:
     """α·content + β·style + γ·TV per batch item, each item against its own style's Grams.
 
-    The identity style's item is scored by how far its pixels are from the content's.
+    The identity style is never drawn: it gives back its input by construction.
     """
 
     def __init__(
@@ -131,11 +130,7 @@ class PerceptualLoss:
         total = output.new_zeros(())
         for item, style in enumerate(styles):
             targets = self.targets[style]
-            if targets is None:
-                total = total + self.config.identity_weight * relative_error(
-                    output[item], content[item]
-                )
-                continue
+            assert targets is not None, "the identity style has nothing to train"
             style_loss = sum(
                 relative_error(gram(made[n][item : item + 1]), targets[n])
                 for n in self.style_layers
@@ -188,7 +183,8 @@ def load(folder: Path) -> tuple[FastStyleNet, list[Style], dict[str, Any]]:
     styles = [
         Style(s["name"], Path(s["path"]) if s["path"] else None) for s in checkpoint["styles"]
     ]
-    net = FastStyleNet(len(styles), Layout(**checkpoint["layout"]))
+    identity = bool(styles) and styles[0].name == IDENTITY
+    net = FastStyleNet(len(styles), Layout(**checkpoint["layout"]), identity=identity)
     net.load_state_dict(checkpoint["state_dict"])
     return net, styles, checkpoint
 
@@ -239,7 +235,9 @@ def train(
     optimizer = torch.optim.Adam(parameters, lr=config.learning_rate)
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)
-    choices = list(train_styles) if train_styles is not None else list(range(len(styles)))
+    # The identity gives back its input by construction: nothing to learn for it.
+    trained = [i for i, style in enumerate(styles) if style.path is not None]
+    choices = list(train_styles) if train_styles is not None else trained
     batches = crops(content_images(content_folders), config.size_px, config.batch, rng)
     losses = []
     net.train()
@@ -339,7 +337,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args.styles:
             parser.error("give at least one --style NAME=IMAGE (or --resume)")
         styles = [IDENTITY_STYLE, *args.styles]
-        train(FastStyleNet(len(styles)), styles, features, manifest, config, args.output,
+        train(FastStyleNet(len(styles), identity=True), styles, features, manifest, config,
+              args.output,
               content_folders=args.content, device=args.device)  # fmt: skip
     export_model(args.output)
     print(f"wrote {args.output}")

@@ -62,11 +62,12 @@ def write_fast_model(folder: Path, seed: int = 0) -> Path:
     from services.common.fastmodel import IDENTITY
     from services.common.images import sha256
 
-    net = FastStyleNet(1 + len(FAST_STYLES))
+    net = FastStyleNet(1 + len(FAST_STYLES), identity=True)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for parameter in net.parameters():
-            parameter.add_(0.3 * torch.randn(parameter.shape, generator=generator))
+            if parameter.requires_grad:  # the identity's frozen zeros stay: it is exact
+                parameter.add_(0.3 * torch.randn(parameter.shape, generator=generator))
     styles = [{"name": IDENTITY, "path": None, "sha256": ""}] + [
         {"name": name, "path": str(SAMPLES / path), "sha256": sha256(sample(path))}
         for name, path in FAST_STYLES.items()

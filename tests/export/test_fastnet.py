@@ -25,7 +25,8 @@ def randomised(net: FastStyleNet, seed: int = 0) -> FastStyleNet:
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for parameter in net.parameters():
-            parameter.add_(0.3 * torch.randn(parameter.shape, generator=generator))
+            if parameter.requires_grad:  # an identity style's frozen zeros stay
+                parameter.add_(0.3 * torch.randn(parameter.shape, generator=generator))
     return net.eval()
 
 
@@ -135,7 +136,7 @@ def test_a_uniform_per_pixel_mix_equals_the_global_mix_and_a_split_map_leans_eac
     with torch.no_grad():
         mix = torch.tensor([[0.3, 0.7]])
         uniform = mix[:, :, None, None].expand(1, 2, 48, 64).contiguous()
-        torch.testing.assert_close(net(image, uniform), net(image, mix))
+        torch.testing.assert_close(net(image, uniform), net(image, mix), rtol=0, atol=1e-4)
         left = torch.zeros(1, 2, 48, 64)
         left[:, 0, :, :32], left[:, 1, :, 32:] = 1.0, 1.0
         split = net(image, left)
@@ -158,3 +159,15 @@ def test_per_pixel_onnx_export_agrees_with_pytorch(tmp_path: Path) -> None:
     with torch.no_grad():
         expected = net(image, weights).numpy()
     assert np.linalg.norm(got - expected) / np.linalg.norm(expected) < 1e-4
+
+
+def test_the_identity_style_gives_back_its_input_and_strength_moves_away_from_it() -> None:
+    net = randomised(FastStyleNet(3, identity=True))
+    image = torch.rand(1, 3, 32, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(net(image, one_hot(0, 3)), image, rtol=0, atol=0)
+        gaps = [
+            float((net(image, torch.tensor([[1 - s, s, 0.0]])) - image).abs().mean())
+            for s in (0.25, 0.5, 1.0)
+        ]
+    assert 0 < gaps[0] < gaps[1] < gaps[2]

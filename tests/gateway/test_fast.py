@@ -62,6 +62,8 @@ def test_strength_zero_is_the_identity_style_and_weights_pick_the_style(graph: G
     identity = run(source(CAT, 0, 1), source(STARRY, 0, 0))  # no style weight anywhere
     assert np.abs(starry - scream).mean() > 0.01
     np.testing.assert_array_equal(nothing, identity)
+    photo = images.to_uint8(images.to_canvas(sample(CAT), 96, 64)).astype(np.float32) / 255
+    np.testing.assert_array_equal(nothing, photo)  # strength 0 is the photo itself
     half = run(source(CAT, 0, 1), source(STARRY, 1, 0), strength=0.5)
     assert np.abs(half - starry).mean() > 0 and np.abs(half - nothing).mean() > 0
 
