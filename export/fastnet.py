@@ -152,7 +152,7 @@ class FastStyleNet(nn.Module):
         self.out = nn.Conv2d(full, 3, 3, padding=1, bias=False)
         self.identity = identity
         if identity:
-            last = self.up[1].smooth.pointwise.norm
+            last = self.norms()[-1]  # the one before the output convolution
             for parameter in (last.gammas[0], last.betas[0]):
                 nn.init.zeros_(parameter)
                 parameter.requires_grad_(False)
