@@ -302,6 +302,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--model", default="vgg19")
     parser.add_argument("--steps", type=int, default=TrainingConfig.steps)
+    parser.add_argument("--learning-rate", type=float, default=TrainingConfig.learning_rate)
     parser.add_argument("--size", type=int, default=TrainingConfig.size_px)
     parser.add_argument("--batch", type=int, default=TrainingConfig.batch)
     parser.add_argument("--device", default="cpu", help="where to train: cpu, cuda, cuda:1")
@@ -315,7 +316,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if len(set(names)) != len(names):
         parser.error(f"style names must differ, got {names}")
     features, manifest = load_feature_net(args.model_dir / args.model)
-    config = TrainingConfig(size_px=args.size, batch=args.batch, steps=args.steps)
+    if not 0 < args.learning_rate < 1:
+        parser.error(f"--learning-rate must be within (0, 1), got {args.learning_rate}")
+    config = TrainingConfig(
+        size_px=args.size, batch=args.batch, steps=args.steps, learning_rate=args.learning_rate
+    )
     if args.resume or args.add_style:
         if not (args.output / CHECKPOINT_FILE).is_file():
             parser.error(f"no {CHECKPOINT_FILE} in {args.output} to resume or add a style to")

@@ -182,7 +182,9 @@ def follow(
     args: argparse.Namespace,
 ) -> styleblend_pb2.Result | None:
     events, on_iteration = _events(stub, request, steps)
-    bar = tqdm(total=None, unit="it", desc="blending", dynamic_ncols=True)
+    # The fast network alone has no iterations to count: no bar then.
+    only_fast = request.HasField("fast") and not request.fast.refine
+    bar = tqdm(total=None, unit="it", desc="blending", dynamic_ncols=True, disable=only_fast)
     with bar:
         for event in events:
             if event.HasField("progress"):
@@ -201,7 +203,7 @@ def follow(
                 name = (
                     f"fast_{preview.update_id:05d}.png"
                     if preview.fast
-                    else (f"preview_{preview.iteration:05d}.jpg")
+                    else f"preview_{preview.iteration:05d}.jpg"
                 )
                 path = args.previews / name
                 path.write_bytes(event.preview.image)

@@ -7,35 +7,51 @@ each through the gateway would cost more than stylising it.
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import os
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import imageio.v2 as imageio
+import imageio.v3 as iio
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from services.common.config import FeaturesConfig
 from services.common.errors import StyleBlendError
-from services.common.fastmodel import FAST_MANIFEST_FILE
+from services.common.fastmodel import FAST_MANIFEST_FILE, IDENTITY
 from services.features.fast import FastStyliser
 
-# Frame differences above a few grey levels are motion, not sensor noise or compression.
+# Frame differences above a few grey levels (0.03 ≈ 8/255) are motion; below, they are sensor
+# noise and compression, which σ must treat as still or the steadying never engages.
 MOTION_SCALE = 0.03
+
+OUTPUT_SUFFIXES = (".mp4", ".m4v", ".mov", ".mkv", ".avi", ".webm", ".gif")
+# ffmpeg would put H.264 in a WebM, which the container refuses; VP9 at constant quality.
+FFMPEG_CODECS = {".webm": ("libvpx-vp9", ["-crf", "32", "-b:v", "0"])}
+
+
+class VideoError(Exception):
+    """A bad input or a failed read or write, said the way a person can act on it."""
 
 
 def parse_style(text: str) -> tuple[str, float]:
-    name, _, weight = text.partition("=")
+    name, equals, weight = text.partition("=")
+    if not name or (equals and not weight):
+        raise argparse.ArgumentTypeError(f"{text!r}: give NAME=WEIGHT, e.g. starry=0.7")
     try:
-        value = float(weight) if weight else 1.0
+        value = float(weight) if equals else 1.0
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text}: give NAME or NAME=WEIGHT") from None
-    if not name or not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"{text}: the weight must be a finite number >= 0")
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: the weight {weight!r} is not a number"
+        ) from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: the weight must be a finite number >= 0")
     return name, value
 
 
@@ -44,7 +60,7 @@ def unit_interval(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 <= value <= 1:
+    if not 0 <= value <= 1:  # also refuses nan
         raise argparse.ArgumentTypeError(f"{value} is not within 0..1")
     return value
 
@@ -57,15 +73,18 @@ def style_mix(
     names = [style.name for style in manifest.styles]
     mix = np.zeros(len(names), np.float32)
     for name, weight in styles:
-        if name not in names or not manifest.styles[names.index(name)].sha256:
-            trained = ", ".join(s.name for s in manifest.styles if s.sha256)
-            raise ValueError(f"--style {name}: {manifest.name} has no style {name!r} ({trained})")
+        if name == IDENTITY or name not in names:
+            trained = ", ".join(n for n in names if n != IDENTITY)
+            hint = "; --strength mixes in the clip itself" if name == IDENTITY else ""
+            raise VideoError(
+                f"--style {name}: {manifest.name} has no style {name!r} ({trained}){hint}"
+            )
         mix[names.index(name)] += weight
     if mix.sum() <= 0:
-        raise ValueError("--style: at least one weight must be > 0")
+        raise VideoError("--style: at least one weight must be > 0")
     identity = manifest.identity
     if identity is None and strength < 1:
-        raise ValueError(f"--strength: {manifest.name} has no identity style to mix in")
+        raise VideoError(f"--strength: {manifest.name} has no identity style to mix in")
     mix = strength * mix / mix.sum()
     if identity is not None:
         mix[identity] += 1 - strength
@@ -81,8 +100,9 @@ def steady(
 ) -> np.ndarray:
     """Blend with the previous stylised frame where the content did not move.
 
-    The weight is temporal · exp(−|Δframe| / MOTION_SCALE) per pixel: near `temporal` where the
-    frame is still (the network's flicker is damped), near 0 where it moved (no ghosts).
+    The weight is temporal · exp(−|Δframe| / MOTION_SCALE) per pixel, |Δframe| the mean over
+    channels: near `temporal` where the frame is still (the network's flicker is damped), near 0
+    where it moved (no ghosts).
     """
     if previous_out is None or previous_frame is None or temporal == 0:
         return current
@@ -91,86 +111,204 @@ def steady(
     return keep * previous_out + (1 - keep) * current
 
 
-def frames(reader: Any, side: int | None) -> Iterator[np.ndarray]:
-    for frame in reader:
-        image = Image.fromarray(np.asarray(frame)[..., :3])
-        if side:
-            image.thumbnail((side, side), Image.Resampling.LANCZOS)
+def fit(width: int, height: int, side: int | None) -> tuple[int, int]:
+    """The frame size with its longest side `side` (up or down), keeping the aspect ratio."""
+    if side is None:
+        return width, height
+    scale = side / max(width, height)
+    return max(2, round(width * scale)), max(2, round(height * scale))
+
+
+@dataclass(frozen=True)
+class Clip:
+    fps: float
+    frames: int | None  # None where the container does not say
+
+
+def describe(reader: Any) -> Clip:
+    """The frame rate and frame count of an open imageio reader (ffmpeg or Pillow's GIF)."""
+    meta = reader.metadata()
+    if meta.get("fps"):  # ffmpeg: `duration` in seconds, `nframes` is inf
+        fps = float(meta["fps"])
+        seconds = meta.get("duration")
+        count = round(seconds * fps) if seconds and math.isfinite(seconds) else None
+        return Clip(fps, count or None)
+    # Pillow: `duration` in milliseconds per frame; browsers play 0 at 10 fps.
+    fps = 1000 / meta["duration"] if meta.get("duration") else 10.0
+    return Clip(fps, int(reader.properties().n_images))
+
+
+def rgb_frames(frames: Iterable[np.ndarray], size: int | None) -> Iterator[np.ndarray]:
+    """H×W×3 float32 in [0, 1], resized to `size` on the longest side."""
+    for raw in frames:
+        image = Image.fromarray(np.asarray(raw)).convert("RGB")
+        width, height = fit(*image.size, size)
+        if (width, height) != image.size:
+            image = image.resize((width, height), Image.Resampling.LANCZOS)
         yield np.asarray(image, dtype=np.float32) / 255
 
 
-def open_video(path: Path) -> tuple[Any, float, int | None]:
-    """A reader, the frame rate and the frame count (None where the format does not say)."""
+def write_video(path: Path, suffix: str, frames: Iterable[np.ndarray], fps: float) -> None:
+    """Write H×W×3 uint8 frames as they come, in the format `suffix` names."""
+    if suffix == ".gif":
+        # Pillow keeps the frames and saves them on close. GIF counts time in hundredths of a
+        # second, so the frame rate is kept to that.
+        gif = iio.imopen(path, "w", plugin="pillow", extension=".gif")
+        try:
+            for frame in frames:
+                gif.write(frame, duration=1000 / fps, loop=0)
+        finally:
+            gif.close()
+        return
+    codec, params = FFMPEG_CODECS.get(suffix, (None, []))
+    # v3's own ffmpeg plugin needs PyAV; imageio-ffmpeg's plugin streams through its v2 writer.
+    legacy = iio.imopen(path, "w", plugin="FFMPEG", extension=suffix, legacy_mode=True)
+    # macro_block_size 2: yuv420p needs even sides (odd ones are scaled up a pixel); the default
+    # 16 would resize most clips.
+    writer = legacy.legacy_get_writer(
+        fps=fps, codec=codec, output_params=params, macro_block_size=2, ffmpeg_log_level="error"
+    )
     try:
-        reader = imageio.get_reader(path)
-        meta = reader.get_meta_data()
-    except Exception as error:  # imageio raises many kinds; all mean the same to a person
-        raise SystemExit(f"styleblend video: cannot read {path} as a video ({error})") from None
-    fps = float(meta.get("fps") or (1000 / meta["duration"] if meta.get("duration") else 24))
-    count = reader.count_frames() if hasattr(reader, "count_frames") else len(reader)
-    return reader, fps, count if count and math.isfinite(count) else None
+        for frame in frames:
+            writer.append_data(frame)
+    finally:
+        writer.close()
+        legacy.close()
 
 
-def open_writer(path: Path, suffix: str, fps: float) -> Any:
-    if suffix.lower() == ".gif":
-        return imageio.get_writer(path, format="GIF", duration=1000 / fps, loop=0)
-    # macro_block_size 2: H.264 needs even sides; larger blocks would resize every frame.
-    return imageio.get_writer(path, format="FFMPEG", fps=fps, macro_block_size=2)
+def umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
 
 
-def video(args: argparse.Namespace) -> int:
-    if not args.input.is_file():
-        raise SystemExit(f"styleblend video: no such file: {args.input}")
-    if not (args.model / FAST_MANIFEST_FILE).is_file():
-        raise SystemExit(
-            f"styleblend video: no fast model in {args.model}; train one with `make fast-model` "
-            "(or `python -m export.train_fast ... -o models/fast/NAME`)"
+def gist(error: Exception) -> str:
+    """An error's first line and, where ffmpeg's log follows it, the log's last line."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    return lines[0] if len(lines) == 1 else f"{lines[0]}: {lines[-1]}"
+
+
+def load_model(folder: Path) -> FastStyliser:
+    if not (folder / FAST_MANIFEST_FILE).is_file():
+        raise VideoError(
+            f"no fast model in {folder} (no {FAST_MANIFEST_FILE}); train one with "
+            f"`make fast-model` or `python -m export.train_fast ... -o {folder}`"
         )
-    if args.size is not None and args.size < 8:
-        raise SystemExit(f"styleblend video: --size must be at least 8, got {args.size}")
-    styliser = FastStyliser(args.model, ["CPUExecutionProvider"])
+    config = FeaturesConfig()
     try:
-        mix = style_mix(styliser, args.styles, args.strength)
-    except ValueError as error:
-        raise SystemExit(f"styleblend video: {error}") from None
-    reader, fps, total = open_video(args.input)
+        return FastStyliser(folder, config.providers, config.intra_op_threads)
+    except Exception as error:  # a bad manifest or ONNX file; ONNX Runtime's are no one class
+        raise VideoError(f"cannot load the fast model in {folder}: {gist(error)}") from None
+
+
+def open_video(path: Path) -> tuple[Any, Clip, Iterator[np.ndarray]]:
+    """An open reader, its clip's rate and length, and its frames (the first already decoded,
+    so an unreadable file fails here rather than halfway)."""
+    if not path.is_file():
+        raise VideoError(f"no such file: {path}")
+    reader = None
+    try:
+        reader = iio.imopen(path, "r")
+        clip = describe(reader)
+        frames = reader.iter()
+        first = next(frames, None)
+    except Exception as error:  # imageio and ffmpeg raise many kinds; all mean the same here
+        if reader is not None:
+            reader.close()
+        raise VideoError(f"cannot read {path} as a video ({gist(error)})") from None
+    if first is None:
+        reader.close()
+        raise VideoError(f"{path} has no frames")
+    return reader, clip, itertools.chain([first], frames)
+
+
+def stylise_video(args: argparse.Namespace) -> None:
+    suffix = args.output.suffix.lower()
+    if suffix not in OUTPUT_SUFFIXES:
+        raise VideoError(
+            f"-o {args.output}: cannot write {suffix or 'a file without a suffix'}; "
+            f"give one of {', '.join(OUTPUT_SUFFIXES)}"
+        )
+    styliser = load_model(args.model)
+    mix = style_mix(styliser, args.styles, args.strength)
+    reader, clip, frames = open_video(args.input)
+
+    def stylised() -> Iterator[np.ndarray]:
+        previous_out = previous_frame = None
+        progress = tqdm(rgb_frames(frames, args.size), total=clip.frames, unit="frame")
+        for frame in progress:
+            out = steady(styliser.stylise(frame, mix), previous_out, frame, previous_frame,
+                         args.temporal)  # fmt: skip
+            yield (np.clip(out, 0, 1) * 255 + 0.5).astype(np.uint8)
+            previous_out, previous_frame = out, frame
+
     args.output.parent.mkdir(parents=True, exist_ok=True)
     # Written beside the output and renamed at the end: a failure leaves no half video.
-    handle, partial = tempfile.mkstemp(suffix=args.output.suffix, dir=args.output.parent)
+    handle, partial = tempfile.mkstemp(
+        prefix=f".{args.output.stem}-", suffix=suffix, dir=args.output.parent
+    )
     os.close(handle)
     try:
-        with reader, open_writer(Path(partial), args.output.suffix, fps) as writer:
-            previous_out = previous_frame = None
-            for frame in tqdm(frames(reader, args.size), total=total, unit="frame"):
-                styled = steady(
-                    styliser.stylise(frame, mix), previous_out, frame, previous_frame, args.temporal
-                )
-                writer.append_data((np.clip(styled, 0, 1) * 255 + 0.5).astype(np.uint8))
-                previous_out, previous_frame = styled, frame
+        with reader:
+            write_video(Path(partial), suffix, stylised(), clip.fps)
+        os.chmod(partial, 0o666 & ~umask())  # mkstemp's 0600 is for the file while partial
         os.replace(partial, args.output)
-    except (StyleBlendError, OSError, RuntimeError) as error:
-        raise SystemExit(f"styleblend video: {error}") from None
+    except (StyleBlendError, OSError, RuntimeError, ValueError) as error:
+        raise VideoError(f"stylising {args.input} failed: {gist(error)}") from None
     finally:
         if os.path.exists(partial):
             os.unlink(partial)
+
+
+def video(args: argparse.Namespace) -> int:
+    try:
+        stylise_video(args)
+    except VideoError as error:
+        print(f"styleblend video: {error}", file=sys.stderr)
+        return 1
     print(f"wrote {args.output}", file=sys.stderr)
     return 0
+
+
+def positive_side(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 8:
+        raise argparse.ArgumentTypeError(f"{value} is too small: at least 8 pixels")
+    return value
 
 
 def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = commands.add_parser(
         "video", help="stylise every frame of a video with a trained fast network"
     )
-    parser.add_argument("input", type=Path, help="a video (mp4, webm, gif, …)")
-    parser.add_argument("-o", "--output", type=Path, required=True, help="the stylised video")
-    parser.add_argument("--model", type=Path, default=Path("models/fast/demo"))
+    parser.add_argument("input", type=Path, help="a video (mp4, webm, mov, mkv, avi, gif, …)")
+    parser.add_argument(
+        "-o", "--output", type=Path, required=True,
+        help=f"the stylised video ({', '.join(OUTPUT_SUFFIXES)}), at the input's frame rate",
+    )  # fmt: skip
+    parser.add_argument(
+        "--model", type=Path, default=Path("models/fast/demo"),
+        help="a trained fast network's folder (default: models/fast/demo)",
+    )  # fmt: skip
     parser.add_argument(
         "--style", dest="styles", action="append", type=parse_style, required=True,
-        metavar="NAME[=WEIGHT]", help="a style of the model and its weight; repeat to mix",
+        metavar="NAME=WEIGHT", help="a style of the model and its weight; repeat to mix "
+        "(weights are normalised to sum 1; NAME alone is weight 1)",
     )  # fmt: skip
-    parser.add_argument("--strength", type=unit_interval, default=1.0, help="0 (the clip) .. 1")
     parser.add_argument(
-        "--temporal", type=unit_interval, default=0.0,
+        "--strength", type=unit_interval, default=1.0, metavar="S",
+        help="0 (the clip as it is) .. 1 (all style, the default)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--size", type=positive_side, metavar="N",
+        help="longest side of the frames in pixels (default: the input's)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--temporal", type=unit_interval, default=0.0, metavar="T",
         help="0..1: how much of the previous frame to keep where nothing moved (less flicker)",
     )  # fmt: skip
-    parser.add_argument("--size", type=int, help="longest side of the frames (default: as is)")
