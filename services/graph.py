@@ -19,7 +19,7 @@ from services.common.config import (
 from services.common.errors import FailedPrecondition
 from services.common.manifest import MANIFEST_FILE
 from services.common.server import RunningServer, Servicer, start_server
-from services.features.core import FeatureExtractor
+from services.features.core import FeatureExtractor, TensorRTSettings
 from services.features.fast import FastModels
 from services.features.servicer import features_servicer
 from services.gateway.core import Gateway
@@ -43,10 +43,17 @@ def model_folder(config: ModelConfig) -> Path:
 
 
 def build_features(config: FeaturesConfig) -> Servicer:
-    extractor = FeatureExtractor(
-        model_folder(config), config.providers, config.cache_bytes, config.intra_op_threads
+    tensorrt = TensorRTSettings(
+        config.trt_fp16, config.trt_engine_cache_dir, config.trt_profile_sides
     )
-    fast = FastModels(config.fast_model_dir, config.providers, config.intra_op_threads)
+    extractor = FeatureExtractor(
+        model_folder(config),
+        config.providers,
+        config.cache_bytes,
+        config.intra_op_threads,
+        tensorrt,
+    )
+    fast = FastModels(config.fast_model_dir, config.providers, config.intra_op_threads, tensorrt)
     return features_servicer(extractor, fast)
 
 

@@ -48,6 +48,13 @@ class FeaturesConfig(ModelConfig):
     fast_model_dir: Path = Field(
         Path("models/fast"), description="folder of trained feed-forward networks, one each"
     )
+    trt_fp16: bool = Field(True, description="TensorRT builds float16 engines")
+    trt_engine_cache_dir: Path | None = Field(
+        Path("models/trt-cache"), description="where TensorRT keeps built engines; unset: none"
+    )
+    trt_profile_sides: tuple[int, int, int] = Field(
+        (32, 512, 2048), description="TensorRT profile: smallest, usual and largest side"
+    )
 
     @field_validator("providers", mode="before")
     @classmethod

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +39,52 @@ def choose_providers(wanted: Sequence[str], available: Sequence[str]) -> list[st
     return chosen
 
 
+@dataclass(frozen=True)
+class TensorRTSettings:
+    """fp16, an engine cache (building an engine takes minutes), and one optimisation profile
+    from the smallest to the largest square side served, tuned for the usual one."""
+
+    fp16: bool = True
+    engine_cache: Path | None = None
+    sides: tuple[int, int, int] = (32, 512, 2048)  # min, opt, max
+
+
+DEFAULT_TENSORRT = TensorRTSettings()
+Shapes = Callable[[int], dict[str, tuple[int, ...]]]  # the inputs' shapes at a square side
+
+
+def session_providers(
+    chosen: Sequence[str], tensorrt: TensorRTSettings, shapes: Shapes
+) -> list[str | tuple[str, dict[str, str]]]:
+    """The chosen providers, TensorRT with its options (ONNX Runtime takes them as strings)."""
+
+    def profile(side: int) -> str:
+        return ",".join(
+            f"{name}:{'x'.join(map(str, shape))}" for name, shape in shapes(side).items()
+        )
+
+    providers: list[str | tuple[str, dict[str, str]]] = []
+    for name in chosen:
+        if name != "TensorrtExecutionProvider":
+            providers.append(name)
+            continue
+        low, usual, high = tensorrt.sides
+        options = {
+            "trt_fp16_enable": str(tensorrt.fp16),
+            "trt_profile_min_shapes": profile(low),
+            "trt_profile_opt_shapes": profile(usual),
+            "trt_profile_max_shapes": profile(high),
+        }
+        if tensorrt.engine_cache is not None:
+            options |= {
+                "trt_engine_cache_enable": "True",
+                "trt_engine_cache_path": str(tensorrt.engine_cache),
+                "trt_timing_cache_enable": "True",
+            }
+        providers.append((name, options))
+    return providers
+
+
 COLOR_TRANSFORMS = ("", "luminance", "match")
 
 
@@ -58,14 +104,17 @@ class FeatureExtractor:
         providers: Sequence[str],
         cache_bytes: int,
         intra_op_threads: int = 0,
+        tensorrt: TensorRTSettings = DEFAULT_TENSORRT,
     ) -> None:
         self.manifest = Manifest.load(model_dir)
         options = ort.SessionOptions()
         options.intra_op_num_threads = intra_op_threads
+        chosen = choose_providers(providers, ort.get_available_providers())
+        name = self.manifest.input_name
         self.session = ort.InferenceSession(
             str(model_dir / self.manifest.onnx_file),
             sess_options=options,
-            providers=choose_providers(providers, ort.get_available_providers()),
+            providers=session_providers(chosen, tensorrt, lambda side: {name: (1, 3, side, side)}),
         )
         self.providers: list[str] = self.session.get_providers()
         log.info("model %s on ONNX Runtime, providers %s", self.manifest.model, self.providers)

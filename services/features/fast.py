@@ -13,7 +13,12 @@ import onnxruntime as ort
 from services.common import colour, images
 from services.common.errors import FailedPrecondition, InvalidArgument
 from services.common.fastmodel import FAST_MANIFEST_FILE, FastManifest
-from services.features.core import choose_providers
+from services.features.core import (
+    DEFAULT_TENSORRT,
+    TensorRTSettings,
+    choose_providers,
+    session_providers,
+)
 
 log = logging.getLogger(__name__)
 
@@ -21,16 +26,35 @@ log = logging.getLogger(__name__)
 class FastStyliser:
     """Both exports of a trained network: one style mix per image, or one per pixel."""
 
-    def __init__(self, folder: Path, providers: Sequence[str], intra_op_threads: int = 0) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        providers: Sequence[str],
+        intra_op_threads: int = 0,
+        tensorrt: TensorRTSettings = DEFAULT_TENSORRT,
+    ) -> None:
         self.manifest = FastManifest.load(folder)
         options = ort.SessionOptions()
         options.intra_op_num_threads = intra_op_threads
         chosen = choose_providers(providers, ort.get_available_providers())
+        n = len(self.manifest.styles)
         self._uniform = ort.InferenceSession(
-            str(folder / self.manifest.onnx_file), sess_options=options, providers=chosen
+            str(folder / self.manifest.onnx_file),
+            sess_options=options,
+            providers=session_providers(
+                chosen,
+                tensorrt,
+                lambda side: {"image": (1, 3, side, side), "style_weights": (1, n)},
+            ),
         )
         self._per_pixel = ort.InferenceSession(
-            str(folder / self.manifest.per_pixel_onnx_file), sess_options=options, providers=chosen
+            str(folder / self.manifest.per_pixel_onnx_file),
+            sess_options=options,
+            providers=session_providers(
+                chosen,
+                tensorrt,
+                lambda side: {"image": (1, 3, side, side), "style_weights": (1, n, side, side)},
+            ),
         )
         self.providers: list[str] = self._uniform.get_providers()
         log.info("fast model %s on ONNX Runtime, providers %s", self.manifest.name, self.providers)
@@ -83,11 +107,18 @@ class FastStyliser:
 class FastModels:
     """Every trained network in a folder (one subfolder each), loaded once, found by name."""
 
-    def __init__(self, root: Path, providers: Sequence[str], intra_op_threads: int = 0) -> None:
+    def __init__(
+        self,
+        root: Path,
+        providers: Sequence[str],
+        intra_op_threads: int = 0,
+        tensorrt: TensorRTSettings = DEFAULT_TENSORRT,
+    ) -> None:
         self.root = root
         folders = sorted(p.parent for p in root.glob(f"*/{FAST_MANIFEST_FILE}"))
         self.models = {
-            folder.name: FastStyliser(folder, providers, intra_op_threads) for folder in folders
+            folder.name: FastStyliser(folder, providers, intra_op_threads, tensorrt)
+            for folder in folders
         }
 
     def get(self, name: str) -> FastStyliser:

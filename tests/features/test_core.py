@@ -7,7 +7,13 @@ import pytest
 import torch
 
 from services.common.errors import FailedPrecondition, InvalidArgument
-from services.features.core import FeatureExtractor, choose_providers, gram
+from services.features.core import (
+    FeatureExtractor,
+    TensorRTSettings,
+    choose_providers,
+    gram,
+    session_providers,
+)
 from tests.conftest import sample
 
 
@@ -75,3 +81,28 @@ def test_unknown_layers_and_tiny_sizes_are_refused(extractor: FeatureExtractor) 
         extractor.extract(image, 16, 64, ["relu1_1"], [])
     with pytest.raises(InvalidArgument, match="not a readable image"):
         extractor.extract(b"\x89PNG\r\n\x1a\n" + b"\0" * 40, 64, 64, ["relu1_1"], [])
+
+
+def test_tensorrt_gets_fp16_an_engine_cache_and_a_profile_the_others_get_nothing() -> None:
+    settings = TensorRTSettings(fp16=True, engine_cache=Path("cache"), sides=(32, 512, 2048))
+    chosen = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    providers = session_providers(
+        chosen, settings, lambda side: {"image": (1, 3, side, side), "style_weights": (1, 4)}
+    )
+    assert providers[1:] == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert isinstance(providers[0], tuple)
+    name, options = providers[0]
+    assert name == "TensorrtExecutionProvider"
+    assert options == {
+        "trt_fp16_enable": "True",
+        "trt_profile_min_shapes": "image:1x3x32x32,style_weights:1x4",
+        "trt_profile_opt_shapes": "image:1x3x512x512,style_weights:1x4",
+        "trt_profile_max_shapes": "image:1x3x2048x2048,style_weights:1x4",
+        "trt_engine_cache_enable": "True",
+        "trt_engine_cache_path": "cache",
+        "trt_timing_cache_enable": "True",
+    }
+    (plain,) = session_providers(chosen[:1], TensorRTSettings(fp16=False), lambda side: {})
+    assert isinstance(plain, tuple)
+    assert plain[1]["trt_fp16_enable"] == "False"
+    assert "trt_engine_cache_path" not in plain[1]
