@@ -196,10 +196,11 @@ def load_model(folder: Path) -> FastStyliser:
             f"no fast model in {folder} (no {FAST_MANIFEST_FILE}); train one with "
             f"`make fast-model` or `python -m export.train_fast ... -o {folder}`"
         )
-    config = FeaturesConfig()
     try:
+        # The features service's providers and threads (STYLEBLEND_PROVIDERS, …): GPU if any.
+        config = FeaturesConfig()
         return FastStyliser(folder, config.providers, config.intra_op_threads)
-    except Exception as error:  # a bad manifest or ONNX file; ONNX Runtime's are no one class
+    except Exception as error:  # a bad manifest, ONNX file or setting; they are no one class
         raise VideoError(f"cannot load the fast model in {folder}: {gist(error)}") from None
 
 
