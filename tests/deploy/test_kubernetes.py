@@ -1,0 +1,425 @@
+"""The Kustomize overlays: they render, validate against Kubernetes 1.32's schemas, and say
+what the deployment needs (non-root, gRPC probes, headless upstreams, who may reach whom)."""
+
+from __future__ import annotations
+
+import copy
+import shutil
+import subprocess
+from collections.abc import Iterator
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate  # type: ignore[import-untyped]  # no py.typed
+import pytest
+import yaml  # type: ignore[import-untyped]  # types-PyYAML is not a dev dependency
+
+from services.common.config import (
+    BlendingConfig,
+    FeaturesConfig,
+    GatewayConfig,
+    ReconstructionConfig,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+K8S = ROOT / "deploy" / "k8s"
+OVERLAYS = ("cpu", "gpu")
+# The schemas of the Kubernetes that the installed kubectl (v1.32, kustomize v5.5) speaks.
+KUBERNETES_VERSION = "1.32.0"
+SERVICES = ("gateway", "features", "blending", "reconstruction")
+INTERNAL = ("features", "blending", "reconstruction")
+GPU_SERVICES = ("features", "reconstruction")
+GPU = "nvidia.com/gpu"
+
+Doc = dict[str, Any]
+KUBECTL = shutil.which("kubectl")
+pytestmark = pytest.mark.skipif(KUBECTL is None, reason="kubectl (with kustomize) is not installed")
+
+
+@cache
+def render(target: str) -> tuple[Doc, ...]:
+    """`kubectl kustomize` of an overlay (or "base"), as parsed documents."""
+    folder = K8S / "base" if target == "base" else K8S / "overlays" / target
+    assert KUBECTL is not None
+    out = subprocess.run(
+        [KUBECTL, "kustomize", str(folder)], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, f"kubectl kustomize {folder} failed:\n{out.stderr}"
+    return tuple(doc for doc in yaml.safe_load_all(out.stdout) if doc)
+
+
+def of_kind(docs: tuple[Doc, ...], kind: str) -> dict[str, Doc]:
+    return {doc["metadata"]["name"]: doc for doc in docs if doc["kind"] == kind}
+
+
+def pod_specs(docs: tuple[Doc, ...]) -> Iterator[tuple[str, Doc]]:
+    for doc in docs:
+        if doc["kind"] in ("Deployment", "Job"):
+            yield f"{doc['kind']}/{doc['metadata']['name']}", doc["spec"]["template"]["spec"]
+
+
+def main_container(deployment: Doc) -> Doc:
+    name = deployment["metadata"]["name"]
+    (container,) = [c for c in deployment["spec"]["template"]["spec"]["containers"]]
+    assert container["name"] == name
+    return container
+
+
+def config(docs: tuple[Doc, ...]) -> dict[str, str]:
+    (config_map,) = of_kind(docs, "ConfigMap").values()
+    data: dict[str, str] = config_map["data"]
+    return data
+
+
+def selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    return all(labels.get(key) == value for key, value in selector.items())
+
+
+def pod_labels(deployment: Doc) -> dict[str, str]:
+    labels: dict[str, str] = deployment["spec"]["template"]["metadata"]["labels"]
+    return labels
+
+
+def grpc_port(deployment: Doc) -> int:
+    (port,) = [p for p in main_container(deployment)["ports"] if p["name"] == "grpc"]
+    number: int = port["containerPort"]
+    return number
+
+
+# --- rendering and schemas ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("target", ["base", *OVERLAYS])
+def test_every_document_validates_strictly(target: str) -> None:
+    docs = render(target)
+    assert {"Deployment", "Service", "NetworkPolicy", "PodDisruptionBudget"} <= {
+        doc["kind"] for doc in docs
+    }
+    for doc in docs:
+        where = f"{target}: {doc['kind']}/{doc['metadata']['name']}"
+        try:
+            version = kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as error:
+            path = ".".join(str(part) for part in error.path)
+            pytest.fail(f"{where}: {path}: {error.message}")
+        assert version == "1.32", f"{where} was checked against {version}, not 1.32"
+
+
+def test_strict_validation_rejects_a_misspelt_field() -> None:
+    """The check above can fail: a field Kubernetes does not know is refused."""
+    deployment = copy.deepcopy(of_kind(render("cpu"), "Deployment")["features"])
+    kubernetes_validate.validate(deployment, KUBERNETES_VERSION, strict=True)
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    container["readinesProbe"] = container.pop("readinessProbe")
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(deployment, KUBERNETES_VERSION, strict=True)
+
+
+# --- pods -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("target", OVERLAYS)
+def test_every_container_is_non_root_with_a_read_only_root(target: str) -> None:
+    specs = dict(pod_specs(render(target)))
+    assert set(specs) == {f"Deployment/{name}" for name in SERVICES} | {"Job/model-export"}
+    for where, spec in specs.items():
+        pod = spec["securityContext"]
+        assert pod["runAsNonRoot"] is True, where
+        assert pod["runAsUser"] > 0, where
+        assert spec["automountServiceAccountToken"] is False, where
+        volumes = {volume["name"]: volume for volume in spec["volumes"]}
+        for container in spec.get("initContainers", []) + spec["containers"]:
+            name = f"{where} {container['name']}"
+            security = container["securityContext"]
+            assert security["readOnlyRootFilesystem"] is True, name
+            assert security["allowPrivilegeEscalation"] is False, name
+            assert security["capabilities"]["drop"] == ["ALL"], name
+            for bound in ("requests", "limits"):
+                assert {"cpu", "memory"} <= set(container["resources"][bound]), (name, bound)
+        for container in spec["containers"]:  # Python needs a writable /tmp
+            (tmp,) = [m for m in container["volumeMounts"] if m["mountPath"] == "/tmp"]
+            assert "emptyDir" in volumes[tmp["name"]], where
+
+
+@pytest.mark.parametrize("target", OVERLAYS)
+def test_deployments_run_their_service_with_grpc_probes_on_the_grpc_port(target: str) -> None:
+    docs = render(target)
+    deployments = of_kind(docs, "Deployment")
+    assert set(deployments) == set(SERVICES)
+    settings = config(docs)
+    for name, deployment in deployments.items():
+        assert selects(deployment["spec"]["selector"]["matchLabels"], pod_labels(deployment))
+        container = main_container(deployment)
+        assert container["args"] == [name]  # the image's entry point is `python -m services`
+        port = grpc_port(deployment)
+        assert port == int(settings[f"STYLEBLEND_{name.upper()}_PORT"]), name
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            assert container[probe]["grpc"] == {"port": port}, (name, probe)
+        (config_map,) = of_kind(docs, "ConfigMap")
+        assert {"configMapRef": {"name": config_map}} in container["envFrom"], name
+
+
+@pytest.mark.parametrize("target", OVERLAYS)
+def test_config_names_only_real_settings_and_listens_everywhere(target: str) -> None:
+    settings = config(render(target))
+    known = {
+        f"STYLEBLEND_{field.upper()}"
+        for cls in (GatewayConfig, FeaturesConfig, BlendingConfig, ReconstructionConfig)
+        for field in cls.model_fields
+    }
+    assert set(settings) - known == set(), "ConfigMap keys that no service reads"
+    assert settings["STYLEBLEND_HOST"] == "0.0.0.0"
+
+
+@pytest.mark.parametrize("target", OVERLAYS)
+def test_gateway_token_comes_from_a_secret(target: str) -> None:
+    gateway = main_container(of_kind(render(target), "Deployment")["gateway"])
+    (token,) = [env for env in gateway["env"] if env["name"] == "STYLEBLEND_GATEWAY_TOKEN"]
+    reference = token["valueFrom"]["secretKeyRef"]
+    assert reference["name"] and reference["key"]
+    assert not reference.get("optional", False), "a missing Secret must stop the pod"
+
+
+# --- load balancing ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("target", OVERLAYS)
+def test_gateway_dials_headless_services_of_each_upstream(target: str) -> None:
+    docs = render(target)
+    settings = config(docs)
+    services = of_kind(docs, "Service")
+    deployments = of_kind(docs, "Deployment")
+    for upstream in INTERNAL:
+        address = settings[f"STYLEBLEND_{upstream.upper()}_ADDRESS"]
+        assert address.startswith("dns:///"), address
+        host, port = address.removeprefix("dns:///").rsplit(":", 1)
+        service = services[host]
+        assert service["spec"].get("clusterIP") == "None", f"{host} is not headless"
+        assert selects(service["spec"]["selector"], pod_labels(deployments[upstream]))
+        ports = [p for p in service["spec"]["ports"] if p["port"] == int(port)]
+        assert len(ports) == 1, f"{host} has no port {port}"
+        assert ports[0]["targetPort"] == "grpc"
+        # Headless: DNS gives pod addresses, so the dialled port must be the container's.
+        assert grpc_port(deployments[upstream]) == int(port)
+
+
+@pytest.mark.parametrize("target", OVERLAYS)
+def test_every_service_selects_a_deployment(target: str) -> None:
+    docs = render(target)
+    deployments = of_kind(docs, "Deployment")
+    for name, service in of_kind(docs, "Service").items():
+        chosen = [
+            d
+            for d, deployment in deployments.items()
+            if selects(service["spec"]["selector"], pod_labels(deployment))
+        ]
+        assert len(chosen) == 1, (name, chosen)
+        for port in service["spec"]["ports"]:
+            assert port["targetPort"] in {
+                p["name"] for p in main_container(deployments[chosen[0]])["ports"]
+            }, name
+
+
+# --- who may reach whom -----------------------------------------------------------------------
+
+OUTSIDE: dict[str, str] = {}  # a client outside the namespace: no labels any selector matches
+
+
+def _peer_matches(peer: Doc, labels: dict[str, str]) -> bool:
+    if "ipBlock" in peer:
+        return not labels  # an address range: only ever outside traffic here
+    if "namespaceSelector" in peer:
+        return False  # another namespace (cluster DNS); not one of our pods
+    return bool(labels) and selects(peer["podSelector"].get("matchLabels", {}), labels)
+
+
+def _ports_match(rule: Doc, port: int) -> bool:
+    return "ports" not in rule or any(p.get("port") == port for p in rule["ports"])
+
+
+def allowed(docs: tuple[Doc, ...], source: dict[str, str], target: str, port: int) -> bool:
+    """NetworkPolicy semantics: a direction is open only if every side that some policy
+    isolates admits the connection through one of its rules."""
+    deployments = of_kind(docs, "Deployment")
+    policies = list(of_kind(docs, "NetworkPolicy").values())
+    target_labels = pod_labels(deployments[target])
+
+    def admitted(labels: dict[str, str], direction: str, peer: dict[str, str]) -> bool:
+        chosen = [
+            p
+            for p in policies
+            if direction in p["spec"]["policyTypes"]
+            and selects(p["spec"]["podSelector"].get("matchLabels", {}), labels)
+        ]
+        if not chosen:
+            return True  # not isolated in this direction
+        key, peers = ("ingress", "from") if direction == "Ingress" else ("egress", "to")
+        for policy in chosen:
+            for rule in policy["spec"].get(key, []):
+                # No peers listed: any peer; otherwise one of them must match.
+                if _ports_match(rule, port) and (
+                    not rule.get(peers) or any(_peer_matches(p, peer) for p in rule[peers])
+                ):
+                    return True
+        return False
+
+    ingress = admitted(target_labels, "Ingress", source)
+    egress = not source or admitted(source, "Egress", target_labels)
+    return ingress and egress
+
+
+@pytest.mark.parametrize("target", OVERLAYS)
+def test_only_the_gateway_is_reachable_from_outside(target: str) -> None:
+    docs = render(target)
+    assert allowed(docs, OUTSIDE, "gateway", 50051)
+    assert allowed(docs, OUTSIDE, "gateway", 8080)
+    assert not allowed(docs, OUTSIDE, "gateway", 50052)
+    for upstream in INTERNAL:
+        port = grpc_port(of_kind(docs, "Deployment")[upstream])
+        assert not allowed(docs, OUTSIDE, upstream, port), upstream
+
+
+@pytest.mark.parametrize("target", OVERLAYS)
+def test_each_internal_service_is_reachable_from_its_callers_only(target: str) -> None:
+    docs = render(target)
+    deployments = of_kind(docs, "Deployment")
+    gateway = pod_labels(deployments["gateway"])
+    for upstream in INTERNAL:
+        port = grpc_port(deployments[upstream])
+        # The gateway is the only caller in the code: reconstruction calls no one.
+        assert allowed(docs, gateway, upstream, port), upstream
+        for other in INTERNAL:
+            if other != upstream:
+                assert not allowed(docs, pod_labels(deployments[other]), upstream, port), (
+                    other,
+                    upstream,
+                )
+        job = of_kind(docs, "Job")["model-export"]["spec"]["template"]["metadata"]["labels"]
+        assert not allowed(docs, job, upstream, port)
+
+
+def test_the_reachability_model_can_say_yes_and_no() -> None:
+    """Without the policies everything is open; with a deny-all nothing is."""
+    docs = render("cpu")
+    open_docs = tuple(d for d in docs if d["kind"] != "NetworkPolicy")
+    assert allowed(open_docs, OUTSIDE, "features", 50052)
+    deny = {
+        "kind": "NetworkPolicy",
+        "metadata": {"name": "deny"},
+        "spec": {"podSelector": {}, "policyTypes": ["Ingress"]},
+    }
+    assert not allowed((*open_docs, deny), OUTSIDE, "gateway", 50051)
+
+
+# --- availability and scaling -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("target", OVERLAYS)
+def test_every_deployment_has_a_disruption_budget(target: str) -> None:
+    docs = render(target)
+    budgets = list(of_kind(docs, "PodDisruptionBudget").values())
+    for name, deployment in of_kind(docs, "Deployment").items():
+        covering = [
+            b
+            for b in budgets
+            if selects(b["spec"]["selector"]["matchLabels"], pod_labels(deployment))
+        ]
+        assert len(covering) == 1, name
+        assert covering[0]["spec"].get("maxUnavailable") == 1, name
+
+
+@pytest.mark.parametrize("target", OVERLAYS)
+def test_reconstruction_scales_by_its_autoscaler(target: str) -> None:
+    docs = render(target)
+    (hpa,) = of_kind(docs, "HorizontalPodAutoscaler").values()
+    scaled = hpa["spec"]["scaleTargetRef"]
+    assert (scaled["kind"], scaled["name"]) == ("Deployment", "reconstruction")
+    deployment = of_kind(docs, "Deployment")["reconstruction"]
+    assert "replicas" not in deployment["spec"], "an apply would reset the autoscaler's count"
+    assert 1 <= hpa["spec"]["minReplicas"] < hpa["spec"]["maxReplicas"]
+    (metric,) = hpa["spec"]["metrics"]
+    # Utilisation is a share of the request: without one the autoscaler cannot act.
+    assert metric["resource"]["name"] in main_container(deployment)["resources"]["requests"]
+
+
+# --- volumes ----------------------------------------------------------------------------------
+
+
+def _mount(container: Doc, volumes: dict[str, Doc], path: str) -> tuple[Doc, Doc]:
+    (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == path]
+    return mount, volumes[mount["name"]]
+
+
+@pytest.mark.parametrize("target", OVERLAYS)
+def test_services_read_the_exported_model_that_the_job_writes(target: str) -> None:
+    docs = render(target)
+    settings = config(docs)
+    claims = of_kind(docs, "PersistentVolumeClaim")
+    model_dir = settings["STYLEBLEND_MODEL_DIR"]
+    job = of_kind(docs, "Job")["model-export"]["spec"]["template"]["spec"]
+    (export,) = job["containers"]
+    mount, volume = _mount(export, {v["name"]: v for v in job["volumes"]}, model_dir)
+    assert not mount.get("readOnly", False)
+    claim = volume["persistentVolumeClaim"]["claimName"]
+    assert claim in claims
+    for name in GPU_SERVICES:
+        spec = of_kind(docs, "Deployment")[name]["spec"]["template"]["spec"]
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        for container in [main_container(of_kind(docs, "Deployment")[name])] + spec[
+            "initContainers"
+        ]:
+            mount, volume = _mount(container, volumes, model_dir)
+            assert mount["readOnly"] is True, name
+            assert volume["persistentVolumeClaim"] == {"claimName": claim, "readOnly": True}
+
+
+# --- overlays ---------------------------------------------------------------------------------
+
+
+def test_cpu_overlay_runs_on_cpus_only() -> None:
+    docs = render("cpu")
+    settings = config(docs)
+    assert settings["STYLEBLEND_PROVIDERS"] == "CPUExecutionProvider"
+    assert settings["STYLEBLEND_DEVICE"] == "cpu"
+    for where, spec in pod_specs(docs):
+        assert "nodeSelector" not in spec, where
+        for container in spec["containers"]:
+            assert GPU not in container["resources"]["limits"], where
+            assert container["image"].endswith("-cpu"), where
+
+
+def test_gpu_overlay_puts_features_and_reconstruction_on_gpus() -> None:
+    docs = render("gpu")
+    settings = config(docs)
+    assert settings["STYLEBLEND_PROVIDERS"].split(",") == [
+        "TensorrtExecutionProvider",
+        "CUDAExecutionProvider",
+        "CPUExecutionProvider",
+    ]
+    assert settings["STYLEBLEND_DEVICE"] == "cuda"
+    deployments = of_kind(docs, "Deployment")
+    for name in GPU_SERVICES:
+        spec = deployments[name]["spec"]["template"]["spec"]
+        container = main_container(deployments[name])
+        assert container["resources"]["requests"][GPU] == 1, name
+        assert container["resources"]["limits"][GPU] == 1, name
+        assert spec["nodeSelector"], name
+        assert any(t["key"] == GPU and t["effect"] == "NoSchedule" for t in spec["tolerations"])
+        for each in spec["initContainers"] + spec["containers"]:
+            assert each["image"].endswith("-gpu"), (name, each["name"])
+    for name in ("gateway", "blending"):
+        container = main_container(deployments[name])
+        assert GPU not in container["resources"]["limits"], name
+        assert container["image"].endswith("-cpu"), name
+
+
+def test_gpu_overlay_keeps_tensorrt_engines_on_a_volume() -> None:
+    docs = render("gpu")
+    features = of_kind(docs, "Deployment")["features"]
+    volumes = {v["name"]: v for v in features["spec"]["template"]["spec"]["volumes"]}
+    cache_dir = config(docs)["STYLEBLEND_TRT_ENGINE_CACHE_DIR"]
+    mount, volume = _mount(main_container(features), volumes, cache_dir)
+    assert not mount.get("readOnly", False)
+    assert set(volume) == {"name", "persistentVolumeClaim"}
+    assert volume["persistentVolumeClaim"]["claimName"] in of_kind(docs, "PersistentVolumeClaim")
