@@ -61,7 +61,7 @@ def pod_specs(docs: tuple[Doc, ...]) -> Iterator[tuple[str, Doc]]:
 
 def main_container(deployment: Doc) -> Doc:
     name = deployment["metadata"]["name"]
-    (container,) = [c for c in deployment["spec"]["template"]["spec"]["containers"]]
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
     assert container["name"] == name
     return container
 
