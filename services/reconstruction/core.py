@@ -1,10 +1,6 @@
-"""Optimise an image against blended targets: α·L_content + β·L_style + γ·TV (DESIGN.md).
+"""Optimise an image against blended targets (the loss is in objective.py, DESIGN.md).
 
-L_style = Σₖ sₖ · meanₗ ‖Gₖ(x) − G*ₖ‖² / ‖G*ₖ‖², with the guided Gram Gₖ(x) = (F⊙mₖ)(F⊙mₖ)ᵀ / Σmₖ.
-L_content = meanₗ Σₚ W(p)‖F(p) − F*(p)‖² / ‖F*‖².
-Departures from Gatys et al.: each layer's loss is relative to its target's energy, so layers
-count equally and one set of loss weights suits every feature model; the Gram matrix is
-normalised by H·W. The minimiser is the paper's. Coarse-to-fine runs the scales in turn, each
+The minimiser is the paper's. Coarse-to-fine runs the scales in turn, each
 starting from the last one's image upsampled; a session update swaps the targets in place and
 the image carries on from where it is (warm start).
 """
@@ -13,7 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -22,34 +18,29 @@ import torch.nn.functional as F
 
 from services.common.colour import with_chrominance
 from services.common.errors import InvalidArgument
-from services.common.guides import to_layer
+from services.reconstruction.objective import (
+    FeatureNet,
+    Losses,
+    LossWeights,
+    Objective,
+    ScaleTargets,
+    ShapeCache,
+    StyleChannel,
+    _tensor,
+    gram,
+    guided_gram,
+    relative_error,
+    total_variation,
+)
+from services.reconstruction.tiles import TiledObjective, Tiling
+
+__all__ = [
+    "OPTIMIZERS", "Control", "Event", "FeatureNet", "Job", "LossWeights", "Losses", "Objective",
+    "Preview", "Progress", "Result", "ScaleTargets", "StyleChannel", "Tiling", "Update",
+    "gram", "guided_gram", "reconstruct", "relative_error", "total_variation",
+]  # fmt: skip
 
 OPTIMIZERS = ("lbfgs", "adam")
-FeatureNet = Callable[[torch.Tensor, list[str]], dict[str, torch.Tensor]]
-
-
-@dataclass(frozen=True)
-class StyleChannel:
-    mask: np.ndarray | None  # H×W in [0, 1] at this scale's canvas; None: everywhere
-    grams: Mapping[str, np.ndarray]  # layer -> G*ₖ
-    scale: float  # Σᵢ sₖᵢ
-
-
-@dataclass(frozen=True)
-class ScaleTargets:
-    width: int
-    height: int
-    iterations: int
-    channels: Sequence[StyleChannel]
-    features: Mapping[str, np.ndarray]  # layer -> F* (C×h×w)
-    content_weights: Mapping[str, np.ndarray]  # layer -> W (h×w)
-
-
-@dataclass(frozen=True)
-class LossWeights:
-    content: float  # α
-    style: float  # β
-    tv: float  # γ
 
 
 @dataclass(frozen=True)
@@ -62,6 +53,7 @@ class Job:
     preview_every: int  # 0: no previews
     learning_rate: float  # Adam's step in pixel units
     colour: Sequence[np.ndarray] | None = None  # per scale: optimise luminance, keep these colours
+    tiling: Tiling | None = None  # set when the canvas is too big for memory in one piece
 
 
 @dataclass(frozen=True)
@@ -70,17 +62,6 @@ class Update:
     scales: Sequence[ScaleTargets]
     loss_weights: LossWeights
     at_iteration: int = 0  # 0: as soon as possible
-
-
-@dataclass(frozen=True)
-class Losses:
-    content: float
-    style: float
-    tv: float
-
-    @property
-    def total(self) -> float:
-        return self.content + self.style + self.tv
 
 
 @dataclass(frozen=True)
@@ -165,119 +146,20 @@ class Control:
     updates: Updates = field(default_factory=Updates)
 
 
-def gram(features: torch.Tensor) -> torch.Tensor:
-    """G = F Fᵀ / (H W) for a 1×C×H×W feature map."""
-    flat = features.flatten(2)
-    return (flat @ flat.transpose(1, 2))[0] / flat.shape[2]
-
-
-def guided_gram(features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Gₖ = (F⊙m)(F⊙m)ᵀ / Σm for a 1×C×H×W feature map and an H×W mask."""
-    masked = (features * mask).flatten(2)
-    return (masked @ masked.transpose(1, 2))[0] / mask.sum()
-
-
-def relative_error(value: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return (value - target).pow(2).sum() / target.pow(2).sum().clamp_min(1e-12)
-
-
-def total_variation(image: torch.Tensor) -> torch.Tensor:
-    """Mean squared difference between neighbouring pixels, both directions."""
-    down = (image[..., 1:, :] - image[..., :-1, :]).pow(2).mean()
-    right = (image[..., :, 1:] - image[..., :, :-1]).pow(2).mean()
-    return down + right
-
-
-def _tensor(array: np.ndarray, device: torch.device) -> torch.Tensor:
-    return torch.as_tensor(np.array(array, dtype=np.float32), device=device)
-
-
-class Objective:
-    """The loss of an image at one scale, split into its three weighted terms."""
-
-    def __init__(
-        self,
-        net: FeatureNet,
-        targets: ScaleTargets,
-        weights: LossWeights,
-        strides: Mapping[str, int],
-        device: torch.device,
-    ) -> None:
-        self.net, self.targets, self.weights = net, targets, weights
-        style_layers = {name for channel in targets.channels for name in channel.grams}
-        self.layers = sorted(style_layers | set(targets.features))
-        for name in self.layers:
-            if name not in strides:
-                raise InvalidArgument(f"unknown layer {name}; the model has {', '.join(strides)}")
-        shapes = self._shapes(device)
-        self.channels = [
-            (channel.scale, self._grams(channel, shapes, strides, device))
-            for channel in targets.channels
-        ]
-        self.features = {}
-        for name, target in targets.features.items():
-            if tuple(target.shape) != shapes[name][1:]:
-                raise InvalidArgument(
-                    f"features[{name}]: shape {tuple(target.shape)} != {shapes[name][1:]} "
-                    f"at {targets.width}×{targets.height}"
-                )
-            weight = _tensor(targets.content_weights[name], device)
-            self.features[name] = (_tensor(target, device)[None], weight)
-
-    def _shapes(self, device: torch.device) -> dict[str, tuple[int, ...]]:
-        if not self.layers:
-            return {}
-        probe = torch.zeros(1, 3, self.targets.height, self.targets.width, device=device)
-        with torch.no_grad():
-            return {name: tuple(f.shape) for name, f in self.net(probe, self.layers).items()}
-
-    def _grams(
-        self,
-        channel: StyleChannel,
-        shapes: Mapping[str, tuple[int, ...]],
-        strides: Mapping[str, int],
-        device: torch.device,
-    ) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
-        """Layer -> (G*, mask at the layer or None); layers the mask leaves empty are skipped."""
-        grams: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
-        for name, target in channel.grams.items():
-            channels, height, width = shapes[name][1:]
-            if tuple(target.shape) != (channels, channels):
-                raise InvalidArgument(
-                    f"grams[{name}]: shape {tuple(target.shape)} != ({channels}, {channels})"
-                )
-            mask = None
-            if channel.mask is not None:
-                small = to_layer(channel.mask, height, width, strides[name])
-                if small.sum() <= 1e-6:
-                    continue
-                mask = _tensor(small, device)
-            grams[name] = (_tensor(target, device), mask)
-        return grams
-
-    def __call__(self, image: torch.Tensor) -> tuple[torch.Tensor, Losses]:
-        pixels = image.expand(-1, 3, -1, -1)  # a luminance image is optimised as grey RGB
-        taps = self.net(pixels, self.layers) if self.layers else {}
-        zero = image.new_zeros(())
-        style = zero
-        for scale, grams in self.channels:
-            errors = [
-                relative_error(gram(taps[n]) if m is None else guided_gram(taps[n], m), g)
-                for n, (g, m) in grams.items()
-            ]
-            style = style + scale * sum(errors, zero) / max(len(errors), 1)
-        content = zero
-        for name, (target, weight) in self.features.items():
-            error = ((taps[name] - target).pow(2) * weight).sum() / target.pow(2).sum().clamp_min(
-                1e-12
-            )
-            content = content + error / len(self.features)
-        terms = (
-            self.weights.content * content,
-            self.weights.style * style,
-            self.weights.tv * total_variation(image),
-        )
-        return terms[0] + terms[1] + terms[2], Losses(*(float(t.detach()) for t in terms))
+def make_objective(
+    net: FeatureNet,
+    job: Job,
+    targets: ScaleTargets,
+    weights: LossWeights,
+    strides: Mapping[str, int],
+    device: torch.device,
+    shapes: ShapeCache,
+) -> Objective | TiledObjective:
+    """The whole canvas at once, or tile by tile when the job is tiled and the scale is big."""
+    tiling = job.tiling
+    if tiling is None or max(targets.width, targets.height) <= tiling.tile:
+        return Objective(net, targets, weights, strides, device, shapes)
+    return TiledObjective(net, targets, weights, strides, device, tiling, job.seed, shapes)
 
 
 def start_image(job: Job, device: torch.device) -> torch.Tensor:
@@ -377,11 +259,11 @@ def reconstruct(
     latest: list[Losses] = []
     first: Losses | None = None
     done, started = 0, time.perf_counter()
+    shapes: ShapeCache = {}
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad(set_to_none=True)
-        loss, losses = objective(image)
-        loss.backward()
+        loss, losses = objective.evaluate(image)
         latest.append(losses)
         return loss
 
@@ -390,7 +272,7 @@ def reconstruct(
             size = (targets.height, targets.width)
             image = F.interpolate(image.detach(), size=size, mode="bilinear", align_corners=False)
         image = image.detach().requires_grad_(True)
-        objective = Objective(net, scales[index], weights, strides, device)
+        objective = make_objective(net, job, scales[index], weights, strides, device, shapes)
         optimizer = make_optimizer(job, image)
         for _ in range(targets.iterations):
             if control.cancel.is_set() or control.finish.is_set():
@@ -399,7 +281,9 @@ def reconstruct(
             if update is not None:
                 check_update(update, job)
                 scales, weights = list(update.scales), update.loss_weights
-                objective = Objective(net, scales[index], weights, strides, device)
+                objective = make_objective(
+                    net, job, scales[index], weights, strides, device, shapes
+                )
                 if job.optimizer == "lbfgs":  # its curvature history belongs to the old targets
                     optimizer = make_optimizer(job, image)
                 applied.append((update.update_id, done + 1))
@@ -423,7 +307,7 @@ def reconstruct(
         if control.finish.is_set():
             break
     with torch.no_grad():
-        final_losses = objective(image.detach())[1]
+        final_losses = objective.measure(image)
     yield Result(
         pixels=to_canvas(image, job, index),
         iterations=done,
