@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import logging
 
+from services.common import logs
 from services.common.config import GatewayConfig, ServiceConfig
 from services.common.server import serve_until_terminated
 from services.graph import SERVICES, serve_one, start_studio
@@ -15,9 +15,7 @@ def main() -> None:
     parser.add_argument("service", choices=SERVICES)
     args = parser.parse_args()
     config = ServiceConfig()
-    logging.basicConfig(
-        level=config.log_level, format=f"%(asctime)s {args.service} %(levelname)s %(message)s"
-    )
+    logs.configure(args.service, config.log_level, config.log_format)
     running = serve_one(args.service)
     studio = start_studio(GatewayConfig(), running.port) if args.service == "gateway" else None
     try:

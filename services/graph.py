@@ -18,13 +18,14 @@ from services.common.config import (
 )
 from services.common.errors import FailedPrecondition
 from services.common.manifest import MANIFEST_FILE
-from services.common.server import RunningServer, Servicer, start_server
+from services.common.metrics import ServiceMetrics
+from services.common.server import RunningServer, Servicer, Tls, start_server
 from services.features.core import FeatureExtractor, TensorRTSettings
 from services.features.fast import FastModels
 from services.features.servicer import features_servicer
 from services.gateway.core import Gateway
 from services.gateway.servicer import style_blend_servicer
-from services.gateway.upstream import Upstreams
+from services.gateway.upstream import Upstreams, upstream_credentials
 from services.gateway.web import WebServer, loopback_address, start_web
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ def model_folder(config: ModelConfig) -> Path:
     return folder
 
 
-def build_features(config: FeaturesConfig) -> Servicer:
+def build_features(config: FeaturesConfig, metrics: ServiceMetrics | None = None) -> Servicer:
     tensorrt = TensorRTSettings(
         config.trt_fp16, config.trt_engine_cache_dir, config.trt_profile_sides
     )
@@ -54,7 +55,7 @@ def build_features(config: FeaturesConfig) -> Servicer:
         tensorrt,
     )
     fast = FastModels(config.fast_model_dir, config.providers, config.intra_op_threads, tensorrt)
-    return features_servicer(extractor, fast)
+    return features_servicer(extractor, fast, metrics)
 
 
 def build_blending(config: BlendingConfig) -> Servicer:
@@ -67,7 +68,9 @@ def reconstruction_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def build_reconstruction(config: ReconstructionConfig) -> Servicer:
+def build_reconstruction(
+    config: ReconstructionConfig, metrics: ServiceMetrics | None = None
+) -> Servicer:
     from export.models import load_feature_net  # PyTorch lives here and in export/ only
     from services.reconstruction.servicer import reconstruction_servicer
 
@@ -76,69 +79,137 @@ def build_reconstruction(config: ReconstructionConfig) -> Servicer:
     device = reconstruction_device(config.device)
     net, manifest = load_feature_net(model_folder(config))
     log.info("model %s on %s", manifest.model, device)
-    return reconstruction_servicer(net.to(device), manifest, device)
+    if metrics is not None and device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+
+        def gpu_memory() -> list[tuple[tuple[str, str], float]]:
+            return [
+                ((str(device), "allocated"), float(torch.cuda.memory_allocated(index))),
+                ((str(device), "reserved"), float(torch.cuda.memory_reserved(index))),
+            ]
+
+        metrics.labelled_gauge_from(
+            "styleblend_gpu_memory_bytes",
+            "GPU memory PyTorch holds: allocated to tensors, reserved by its allocator",
+            ("device", "kind"),
+            gpu_memory,
+        )
+    return reconstruction_servicer(net.to(device), manifest, device, metrics)
 
 
-def build_gateway(config: GatewayConfig) -> Servicer:
-    return style_blend_servicer(Gateway(config, Upstreams(config)))
+def build_gateway(
+    config: GatewayConfig, metrics: ServiceMetrics | None = None, upstream_token: str | None = None
+) -> Servicer:
+    """`upstream_token`: for the one-process graph, whose internal services sit behind the
+    gateway's own token."""
+    return style_blend_servicer(Gateway(config, Upstreams(config, upstream_token)), metrics)
+
+
+def tls_of(config: ServiceConfig) -> Tls | None:
+    if config.tls_cert_file is None or config.tls_key_file is None:
+        return None
+    return Tls(config.tls_cert_file, config.tls_key_file, config.tls_client_ca_file)
+
+
+def token_of(config: GatewayConfig) -> str | None:
+    return config.gateway_token.get_secret_value() if config.gateway_token else None
 
 
 def serve_one(name: str) -> RunningServer:
     """Start one service alone, configured from the environment."""
     config: ServiceConfig
+    metrics = ServiceMetrics(name)
     if name == "features":
         config = FeaturesConfig()
-        return _start(config, config.features_port, build_features(config))
+        servicer = build_features(config, metrics)
+        return _start(config, config.features_port, servicer, metrics, config.features_metrics_port)
     if name == "blending":
         config = BlendingConfig()
-        return _start(config, config.blending_port, build_blending(config))
+        servicer = build_blending(config)
+        return _start(config, config.blending_port, servicer, metrics, config.blending_metrics_port)
     if name == "reconstruction":
         config = ReconstructionConfig()
-        return _start(config, config.reconstruction_port, build_reconstruction(config))
+        servicer = build_reconstruction(config, metrics)
+        return _start(
+            config,
+            config.reconstruction_port,
+            servicer,
+            metrics,
+            config.reconstruction_metrics_port,
+        )
     if name == "gateway":
         config = GatewayConfig()
-        return _start(config, config.gateway_port, build_gateway(config), config.max_request_bytes)
+        return start_server(
+            lambda _: [build_gateway(config, metrics)],
+            address=config.address(config.gateway_port),
+            max_message_bytes=config.max_request_bytes,
+            tls=tls_of(config),
+            token=token_of(config),
+            metrics=metrics,
+            metrics_port=config.gateway_metrics_port,
+        )
     raise ValueError(f"unknown service {name!r}; one of {', '.join(SERVICES)}")
 
 
 def _start(
-    config: ServiceConfig, port: int, servicer: Servicer, max_message_bytes: int | None = None
+    config: ServiceConfig,
+    port: int,
+    servicer: Servicer,
+    metrics: ServiceMetrics,
+    metrics_port: int | None,
 ) -> RunningServer:
     return start_server(
         lambda _: [servicer],
         address=config.address(port),
-        max_message_bytes=max_message_bytes or config.max_message_bytes,
+        max_message_bytes=config.max_message_bytes,
+        tls=tls_of(config),
+        metrics=metrics,
+        metrics_port=metrics_port,
     )
 
 
 def start_studio(gateway: GatewayConfig, grpc_port: int) -> WebServer:
-    """The browser studio, in the gateway's process, bridged to its gRPC port."""
+    """The browser studio, in the gateway's process, bridged to its gRPC port; over TLS with
+    the upstream CA (and client certificate) when the gateway serves TLS."""
     return start_web(
         gateway.host,
         gateway.http_port,
         loopback_address(gateway.host, grpc_port),
         max_message_bytes=max(gateway.max_request_bytes, gateway.max_message_bytes),
+        credentials=upstream_credentials(gateway) if tls_of(gateway) else None,
     )
 
 
 def serve_all_in_one(gateway: GatewayConfig) -> RunningServer:
     """All four servicers in one server on the gateway's port; the gateway calls itself."""
+    tls = tls_of(gateway)
+    if tls is not None and gateway.upstream_ca_file is None:
+        raise FailedPrecondition(
+            "in one process the gateway calls its own TLS port: set STYLEBLEND_UPSTREAM_CA_FILE "
+            "to the CA that signed STYLEBLEND_TLS_CERT_FILE"
+        )
+    metrics = ServiceMetrics("all")
     inner = [
-        build_features(FeaturesConfig()),
+        build_features(FeaturesConfig(), metrics),
         build_blending(BlendingConfig()),
-        build_reconstruction(ReconstructionConfig()),
+        build_reconstruction(ReconstructionConfig(), metrics),
     ]
+    token = token_of(gateway)
 
     def wire_to(port: int) -> list[Servicer]:
-        own = gateway.address(port)
+        own = loopback_address(gateway.host, port)
         wired = gateway.model_copy(
             update={"features_address": own, "blending_address": own, "reconstruction_address": own}
         )
-        return [*inner, build_gateway(wired)]
+        return [*inner, build_gateway(wired, metrics, upstream_token=token)]
 
     return start_server(
         wire_to,
         address=gateway.address(gateway.gateway_port),
         # Internal messages (content maps) share this server, so the larger limit applies.
         max_message_bytes=max(gateway.max_message_bytes, gateway.max_request_bytes),
+        tls=tls,
+        token=token,
+        metrics=metrics,
+        metrics_port=gateway.gateway_metrics_port,
     )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -16,6 +16,7 @@ from services.common.config import (
     GatewayConfig,
     ReconstructionConfig,
 )
+from services.common.metrics import ServiceMetrics
 from services.common.server import RunningServer, Servicer, start_server
 from services.features.core import FeatureExtractor
 from services.graph import build_blending, build_features, build_gateway, build_reconstruction
@@ -88,9 +89,14 @@ def fast_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_fast_model(tmp_path_factory.mktemp("fast") / "test-model")
 
 
-def serve(servicer: Servicer, max_message_bytes: int = 64 * MiB) -> RunningServer:
+def serve(
+    servicer: Servicer, max_message_bytes: int = 64 * MiB, metrics: ServiceMetrics | None = None
+) -> RunningServer:
     return start_server(
-        lambda _: [servicer], address="127.0.0.1:0", max_message_bytes=max_message_bytes
+        lambda _: [servicer],
+        address="127.0.0.1:0",
+        max_message_bytes=max_message_bytes,
+        metrics=metrics,
     )
 
 
@@ -106,6 +112,8 @@ class Graph:
     gateway: RunningServer
     config: GatewayConfig
     extractor: FeatureExtractor  # the features service's core, to count what it runs
+    # By service name: to serve them again (e.g. over TLS), and what each server measures.
+    servicers: dict[str, Servicer] = field(default_factory=dict)
 
     @property
     def address(self) -> str:
@@ -126,20 +134,26 @@ def start_gateway(upstreams: dict[str, str], **limits: int) -> tuple[RunningServ
         reconstruction_address=upstreams["reconstruction"],
         upstream_timeout_s=5.0,
     ).model_copy(update=limits)
-    return serve(build_gateway(config), config.max_request_bytes), config
+    metrics = ServiceMetrics("gateway")
+    return serve(build_gateway(config, metrics), config.max_request_bytes, metrics), config
 
 
 @pytest.fixture(scope="session")
 def graph(vgg19_dir: Path, fast_model_dir: Path) -> Iterator[Graph]:
     models = vgg19_dir.parent
+    metrics = {name: ServiceMetrics(name) for name in ("features", "blending", "reconstruction")}
     features_servicer = build_features(
-        FeaturesConfig(model="vgg19", model_dir=models, fast_model_dir=fast_model_dir.parent)
+        FeaturesConfig(model="vgg19", model_dir=models, fast_model_dir=fast_model_dir.parent),
+        metrics["features"],
     )
-    features = serve(features_servicer)
-    blending = serve(build_blending(BlendingConfig()))
-    reconstruction = serve(
-        build_reconstruction(ReconstructionConfig(model="vgg19", model_dir=models, device="cpu"))
+    features = serve(features_servicer, metrics=metrics["features"])
+    blending_servicer = build_blending(BlendingConfig())
+    blending = serve(blending_servicer, metrics=metrics["blending"])
+    reconstruction_servicer = build_reconstruction(
+        ReconstructionConfig(model="vgg19", model_dir=models, device="cpu"),
+        metrics["reconstruction"],
     )
+    reconstruction = serve(reconstruction_servicer, metrics=metrics["reconstruction"])
     upstreams = {
         "features": address(features),
         "blending": address(blending),
@@ -149,6 +163,11 @@ def graph(vgg19_dir: Path, fast_model_dir: Path) -> Iterator[Graph]:
         upstreams, max_side_px=512, max_sources=4, max_iterations=500, max_request_bytes=2 * MiB
     )
     extractor = features_servicer.servicer.extractor  # type: ignore[attr-defined]
-    yield Graph(features, blending, reconstruction, gateway, config, extractor)
+    servicers = {
+        "features": features_servicer,
+        "blending": blending_servicer,
+        "reconstruction": reconstruction_servicer,
+    }
+    yield Graph(features, blending, reconstruction, gateway, config, extractor, servicers)
     for server in (gateway, reconstruction, blending, features):
         server.stop(0)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import signal
 import subprocess
@@ -53,10 +52,23 @@ def export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _health_channel(address: str) -> grpc.Channel:
+    """Plain, or TLS with the gateway's upstream CA (and client certificate) when the services
+    serve TLS, as the gateway itself reaches them."""
+    from services.common.config import GatewayConfig
+    from services.gateway.upstream import upstream_credentials
+
+    config = GatewayConfig()
+    credentials = upstream_credentials(config) if config.tls_cert_file else None
+    if credentials is None:
+        return grpc.insecure_channel(address)
+    return grpc.secure_channel(address, credentials)
+
+
 def wait_healthy(address: str, name: str, process: subprocess.Popen[bytes] | None) -> None:
     """Block until `address` reports SERVING; fail early if its process died."""
     deadline = time.monotonic() + START_TIMEOUT_S
-    with grpc.insecure_channel(address) as channel:
+    with _health_channel(address) as channel:
         health = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             if process is not None and process.poll() is not None:
@@ -74,9 +86,11 @@ def wait_healthy(address: str, name: str, process: subprocess.Popen[bytes] | Non
 def up(args: argparse.Namespace) -> int:
     env = _environment(args)
     os.environ.update(env)  # the configs below and the child processes read the same variables
-    logging.basicConfig(
-        level=env.get("STYLEBLEND_LOG_LEVEL", "INFO"), format="%(asctime)s %(name)s %(message)s"
-    )
+    from services.common import logs
+    from services.common.config import ServiceConfig
+
+    config = ServiceConfig()
+    logs.configure("styleblend-up", config.log_level, config.log_format)
     _ensure_exported()
     if args.single_process:
         return _up_single_process()

@@ -80,11 +80,17 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--init-image", type=Path, metavar="PATH", help="start from this image")
     blend.add_argument("--preview-every", type=int, metavar="N")
     blend.add_argument("--gateway", default=remote.default_gateway(), metavar="HOST:PORT")
+    blend.add_argument(
+        "--token", default=remote.default_token(), help="the gateway's token (STYLEBLEND_TOKEN)"
+    )
 
     video.add_parser(commands)
 
     info = commands.add_parser("info", help="describe the running gateway: model, layers, limits")
     info.add_argument("--gateway", default=remote.default_gateway(), metavar="HOST:PORT")
+    info.add_argument(
+        "--token", default=remote.default_token(), help="the gateway's token (STYLEBLEND_TOKEN)"
+    )
 
     export = commands.add_parser("export", help="export a feature model to ONNX")
     export.add_argument(

@@ -10,6 +10,7 @@ import queue
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 from styleblend.v1 import styleblend_pb2, styleblend_pb2_grpc
@@ -33,7 +34,35 @@ def default_gateway() -> str:
     )
 
 
-def connect(address: str) -> styleblend_pb2_grpc.StyleBlendStub:
+def default_token() -> str | None:
+    return os.environ.get("STYLEBLEND_TOKEN") or None
+
+
+class _Bearer(
+    grpc.UnaryUnaryClientInterceptor,
+    grpc.UnaryStreamClientInterceptor,
+    grpc.StreamStreamClientInterceptor,
+):
+    """Adds `authorization: Bearer TOKEN` to every call."""
+
+    def __init__(self, token: str) -> None:
+        self.entry = ("authorization", f"Bearer {token}")
+
+    def _details(self, details: grpc.ClientCallDetails) -> grpc.ClientCallDetails:
+        metadata = [*(details.metadata or ()), self.entry]
+        return details._replace(metadata=metadata)  # type: ignore[attr-defined]
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+    def intercept_stream_stream(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return continuation(self._details(details), requests)
+
+
+def connect(address: str, token: str | None = None) -> styleblend_pb2_grpc.StyleBlendStub:
     channel = grpc.insecure_channel(
         address,
         options=[
@@ -41,6 +70,8 @@ def connect(address: str) -> styleblend_pb2_grpc.StyleBlendStub:
             ("grpc.max_send_message_length", 256 * MiB),
         ],
     )
+    if token:
+        channel = grpc.intercept_channel(channel, _Bearer(token))
     return styleblend_pb2_grpc.StyleBlendStub(channel)
 
 
@@ -54,6 +85,8 @@ def explain(error: grpc.RpcError, args: argparse.Namespace) -> str:
             f"error: no styleblend gateway is reachable at {gateway} ({details}).\n"
             "Start one with `styleblend up` (or pass --gateway HOST:PORT)."
         )
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        return f"error (UNAUTHENTICATED): {details}\nPass --token TOKEN or set STYLEBLEND_TOKEN."
     name = code.name if code else "ERROR"
     return f"error ({name}): {details}"
 
@@ -110,7 +143,7 @@ def local_paths(args: argparse.Namespace) -> dict[str, str]:
 
 
 def blend(args: argparse.Namespace) -> int:
-    stub = connect(args.gateway)
+    stub = connect(args.gateway, args.token)
     if args.recipe:
         request, steps, paths = recipe.replay(args.recipe, stub)
     else:
@@ -235,7 +268,7 @@ def write_result(result: styleblend_pb2.Result, path: Path, paths: dict[str, str
 
 
 def info(args: argparse.Namespace) -> int:
-    answer = connect(args.gateway).GetInfo(styleblend_pb2.GetInfoRequest(), timeout=30)
+    answer = connect(args.gateway, args.token).GetInfo(styleblend_pb2.GetInfoRequest(), timeout=30)
     defaults, limits = answer.defaults, answer.limits
     lines = [
         f"model          {answer.model} (weights {answer.weights_sha256[:12]})",

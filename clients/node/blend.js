@@ -4,7 +4,7 @@
 //
 //   node clients/node/blend.js --gateway HOST:PORT \
 //     --source photo.jpg:content=1 --source starry.jpg:style=1 -o out.png \
-//     [--size PX] [--iterations N] [--seed N] [--previews DIR] [--preview-every N]
+//     [--size PX] [--iterations N] [--seed N] [--previews DIR] [--preview-every N] [--token T]
 
 import { mkdirSync, readFileSync, statSync, writeFileSync } from "node:fs";
 import { dirname, join } from "node:path";
@@ -21,11 +21,12 @@ const MAPS = { mask: "style_map", "content-mask": "content_map" };
 
 const USAGE = `usage: node blend.js --source PATH[:style=W][:content=W][:mask=PATH][:content-mask=PATH] ...
                      -o OUT.png [--gateway HOST:PORT] [--size PX] [--iterations N] [--seed N]
-                     [--previews DIR] [--preview-every N]
+                     [--previews DIR] [--preview-every N] [--token TOKEN]
 
 A weight you leave out counts as 0; each source needs at least one.
 --gateway defaults to $STYLEBLEND_GATEWAY, else $STYLEBLEND_HOST:$STYLEBLEND_GATEWAY_PORT
-(127.0.0.1:50051), as for the Python CLI.`;
+(127.0.0.1:50051), as for the Python CLI. --token (default $STYLEBLEND_TOKEN) is sent as
+\`authorization: Bearer TOKEN\` to a gateway that asks for one.`;
 
 /** A mistake on the command line: exit status 2, as argparse does. */
 class UsageError extends Error {}
@@ -100,6 +101,7 @@ function parseCommandLine(argv) {
         seed: { type: "string" },
         previews: { type: "string" },
         "preview-every": { type: "string" },
+        token: { type: "string", default: process.env.STYLEBLEND_TOKEN ?? "" },
         help: { type: "boolean", short: "h" },
       },
       strict: true,
@@ -120,6 +122,7 @@ function parseCommandLine(argv) {
     seed: count("seed", parsed.seed, 2n ** 64n - 1n), // uint64: sent as a string (longs: String)
     previews: parsed.previews,
     previewEvery: Number(count("preview-every", parsed["preview-every"]) ?? 0),
+    token: parsed.token,
   };
 }
 
@@ -182,6 +185,9 @@ function explain(error, gateway) {
       "Start one with `styleblend up` (or pass --gateway HOST:PORT)."
     );
   }
+  if (error.code === grpc.status.UNAUTHENTICATED) {
+    return `error (UNAUTHENTICATED): ${error.details}\nPass --token TOKEN or set STYLEBLEND_TOKEN.`;
+  }
   return `error (${name}): ${error.details}`;
 }
 
@@ -198,7 +204,9 @@ function blend(args) {
     let result = null;
     let cancelled = false;
     let status = null; // the exit status, once known; grpc-js emits "end" after "error" too
-    const call = client.Blend(blendRequest(args));
+    const metadata = new grpc.Metadata();
+    if (args.token) metadata.set("authorization", `Bearer ${args.token}`);
+    const call = client.Blend(blendRequest(args), metadata);
     const settle = (code, message) => {
       if (status !== null) return;
       status = code;

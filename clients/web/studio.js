@@ -14,6 +14,7 @@ const CODES = [
 ];
 
 const $ = (id) => document.getElementById(id);
+const TOKEN_KEY = "styleblend-token"; // sessionStorage: kept for this tab only
 
 const state = {
   sources: [], // {key, name, blob, url, width, height, style, content, color, mask, painted}
@@ -25,6 +26,7 @@ const state = {
   showing: "content", // what the stage image shows: "content", "preview" or "result"
   resultUrl: null,
   maxSources: PALETTE.length, // GetInfo's limit once it answers
+  token: sessionStorage.getItem(TOKEN_KEY) || "", // the gateway's, when it asks for one
 };
 
 // --- talking to the server -------------------------------------------------------------------
@@ -36,16 +38,22 @@ class ServerError extends Error {
   }
 }
 
+function withToken(options = {}) {
+  if (!state.token) return options;
+  return { ...options, headers: { ...(options.headers || {}), Authorization: `Bearer ${state.token}` } };
+}
+
 async function api(path, options) {
   let response;
   try {
-    response = await fetch(path, options);
+    response = await fetch(path, withToken(options));
   } catch (error) {
     throw new ServerError("UNAVAILABLE", `the studio server cannot be reached (${error.message})`);
   }
   const body = await response.json().catch(() => ({}));
   if (!response.ok || body.error) {
     const error = body.error || { code: `HTTP ${response.status}`, message: response.statusText };
+    if (error.code === "UNAUTHENTICATED") askForToken(error.message);
     throw new ServerError(error.code, error.message);
   }
   return body;
@@ -59,6 +67,23 @@ function socketUrl() {
   const url = new URL("ws/session", location.href);
   url.protocol = location.protocol === "https:" ? "wss:" : "ws:";
   return url;
+}
+
+// The gateway may ask for a token: the page asks the person once, keeps it for this tab, and
+// sends it as a bearer header on HTTP calls and as the first frame of each session socket.
+function askForToken(reason) {
+  $("token-reason").textContent = state.token ? `The token was not accepted: ${reason}` : reason;
+  $("token-form").hidden = false;
+  $("token").focus();
+}
+
+function tokenEntered(event) {
+  event.preventDefault();
+  state.token = $("token").value.trim();
+  sessionStorage.setItem(TOKEN_KEY, state.token);
+  $("token-form").hidden = true;
+  clearMessage();
+  loadInfo();
 }
 
 // --- messages to the person ------------------------------------------------------------------
@@ -540,7 +565,10 @@ function openSession(request) {
     fast: Boolean(request.fast),
   };
   resetStatus();
-  socket.addEventListener("open", () => socket.send(JSON.stringify({ start: request })));
+  socket.addEventListener("open", () => {
+    if (state.token) socket.send(JSON.stringify({ token: state.token }));
+    socket.send(JSON.stringify({ start: request }));
+  });
   socket.addEventListener("message", (event) => onFrame(JSON.parse(event.data)));
   socket.addEventListener("close", onClose);
 }
@@ -609,6 +637,7 @@ function setRunning(running) {
 
 function onFrame(frame) {
   if (frame.error) {
+    if (frame.error.code === "UNAUTHENTICATED") askForToken(frame.error.message);
     const started = Boolean($("iteration").dataset.iteration);
     const what = started ? "The blend stopped" : "The blend was refused";
     showMessage(`${what}: ${frame.error.message} (${frame.error.code})`);
@@ -738,6 +767,7 @@ function wire() {
   $("strength").addEventListener("input", strengthMoved);
   $("finish").addEventListener("click", finish);
   $("clear-maps").addEventListener("click", clearMaps);
+  $("token-form").addEventListener("submit", tokenEntered);
   $("brushes").addEventListener("change", (event) => {
     state.brush = event.target.value === "eraser" ? "eraser" : Number(event.target.value);
   });

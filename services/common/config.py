@@ -6,12 +6,13 @@ Command-line flags go over the environment by being passed as keyword arguments.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 MiB = 1024 * 1024
+_METRICS = "Prometheus metrics over HTTP on this port; 0 picks a free one; unset: none"
 
 
 class ServiceConfig(BaseSettings):
@@ -21,6 +22,21 @@ class ServiceConfig(BaseSettings):
     max_message_bytes: int = Field(64 * MiB, gt=0, description="largest gRPC message")
     grace_s: float = Field(5.0, ge=0, description="seconds calls in flight get on SIGTERM")
     log_level: str = "INFO"
+    log_format: Literal["json", "text"] = Field("json", description="JSON lines or plain text")
+    # TLS for this server: both files set turn it on; a client CA also asks clients for theirs.
+    tls_cert_file: Path | None = Field(None, description="server certificate chain (PEM)")
+    tls_key_file: Path | None = Field(None, description="server private key (PEM)")
+    tls_client_ca_file: Path | None = Field(
+        None, description="CA that signs client certificates; set: mutual TLS is required"
+    )
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> ServiceConfig:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file go together: set both or neither")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError("tls_client_ca_file needs tls_cert_file and tls_key_file")
+        return self
 
     def address(self, port: int) -> str:
         return f"{self.host}:{port}"
@@ -37,6 +53,7 @@ class ModelConfig(ServiceConfig):
 
 class FeaturesConfig(ModelConfig):
     features_port: int = Field(50052, ge=0, le=65535)
+    features_metrics_port: int | None = Field(None, ge=0, le=65535, description=_METRICS)
     # Comma-separated; tried in order, filtered by what the installed ONNX Runtime offers.
     providers: Annotated[tuple[str, ...], NoDecode] = (
         "TensorrtExecutionProvider",
@@ -66,21 +83,32 @@ class FeaturesConfig(ModelConfig):
 
 class BlendingConfig(ServiceConfig):
     blending_port: int = Field(50053, ge=0, le=65535)
+    blending_metrics_port: int | None = Field(None, ge=0, le=65535, description=_METRICS)
 
 
 class ReconstructionConfig(ModelConfig):
     reconstruction_port: int = Field(50054, ge=0, le=65535)
+    reconstruction_metrics_port: int | None = Field(None, ge=0, le=65535, description=_METRICS)
     device: str = Field("auto", description='"auto" (CUDA when there is one), "cpu" or "cuda:N"')
     threads: int = Field(0, ge=0, description="PyTorch CPU threads; 0 = its default")
 
 
 class GatewayConfig(ServiceConfig):
     gateway_port: int = Field(50051, ge=0, le=65535)
+    gateway_metrics_port: int | None = Field(None, ge=0, le=65535, description=_METRICS)
     http_port: int = Field(8080, ge=0, le=65535, description="browser studio; 0 picks a free one")
+    gateway_token: SecretStr | None = Field(
+        None, description="bearer token every public call must carry; unset: no token asked"
+    )
     features_address: str = "127.0.0.1:50052"
     blending_address: str = "127.0.0.1:50053"
     reconstruction_address: str = "127.0.0.1:50054"
     upstream_timeout_s: float = Field(30.0, gt=0, description="deadline of one upstream call")
+    # TLS to the internal services (and from the studio's bridge to the gateway): a CA turns it
+    # on; a client certificate and key answer servers that ask for one (mutual TLS).
+    upstream_ca_file: Path | None = Field(None, description="CA that signs the services' certs")
+    upstream_cert_file: Path | None = Field(None, description="client certificate chain (PEM)")
+    upstream_key_file: Path | None = Field(None, description="client private key (PEM)")
     # Limits: over any of them a request is RESOURCE_EXHAUSTED.
     max_side_px: int = Field(1024, ge=32)
     max_sources: int = Field(8, ge=1)
@@ -89,8 +117,18 @@ class GatewayConfig(ServiceConfig):
     max_image_pixels: int = Field(40_000_000, gt=0)
     max_scales: int = Field(4, ge=1, description="most coarse-to-fine scales")
     upload_store_bytes: int = Field(256 * MiB, ge=0, description="memory for uploaded images")
+    max_sessions: int = Field(32, ge=1, description="Blend and Session calls running at once")
+    max_sessions_per_client: int = Field(4, ge=1, description="the same, from one client")
     # Defaults for unset request fields.
     default_side_px: int = Field(256, ge=32)
     default_iterations: int = Field(150, ge=1)
     default_preview_every: int = Field(10, ge=1)
     default_learning_rate: float = Field(0.02, gt=0)
+
+    @model_validator(mode="after")
+    def _upstream_pair(self) -> GatewayConfig:
+        if (self.upstream_cert_file is None) != (self.upstream_key_file is None):
+            raise ValueError("upstream_cert_file and upstream_key_file go together")
+        if self.upstream_cert_file is not None and self.upstream_ca_file is None:
+            raise ValueError("upstream_cert_file needs upstream_ca_file (TLS to the services)")
+        return self

@@ -1,20 +1,24 @@
-"""Building and running a gRPC server: health, reflection, limits, error codes, SIGTERM."""
+"""Building and running a gRPC server: health, reflection, limits, error codes, SIGTERM,
+TLS and a token when configured, and metrics and a log line for every call."""
 
 from __future__ import annotations
 
 import logging
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent import futures
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from services.common import errors
+from services.common import errors, logs, security
+from services.common.metrics import MetricsHttp, ServiceMetrics, serve_metrics
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +39,31 @@ def _abort(context: grpc.ServicerContext, error: Exception, method: str) -> None
     context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}; see the server log")
 
 
+Wrap = Callable[[Callable[..., Any], str], Callable[..., Any]]
+
+
+def _wrapped(
+    handler: grpc.RpcMethodHandler, method: str, unary: Wrap, streaming: Wrap
+) -> grpc.RpcMethodHandler:
+    """The same handler with its behaviour wrapped: `unary` for one answer, `streaming` for a
+    stream of them."""
+    codec = {
+        "request_deserializer": handler.request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(unary(handler.unary_unary, method), **codec)
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(
+            streaming(handler.unary_stream, method), **codec
+        )
+    if handler.stream_stream:
+        return grpc.stream_stream_rpc_method_handler(
+            streaming(handler.stream_stream, method), **codec
+        )
+    return handler  # client-streaming: none of our services has one
+
+
 class DomainErrorInterceptor(grpc.ServerInterceptor):
     """Maps domain errors to status codes, and anything else to INTERNAL with a logged traceback."""
 
@@ -46,22 +75,7 @@ class DomainErrorInterceptor(grpc.ServerInterceptor):
         handler = continuation(handler_call_details)
         if handler is None:
             return None
-        method = handler_call_details.method
-        codec = {
-            "request_deserializer": handler.request_deserializer,
-            "response_serializer": handler.response_serializer,
-        }
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(_unary(handler.unary_unary, method), **codec)
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(
-                _streaming(handler.unary_stream, method), **codec
-            )
-        if handler.stream_stream:
-            return grpc.stream_stream_rpc_method_handler(
-                _streaming(handler.stream_stream, method), **codec
-            )
-        return handler  # client-streaming: none of our services has one
+        return _wrapped(handler, handler_call_details.method, _unary, _streaming)
 
 
 def _unary(behaviour: Callable[..., Any], method: str) -> Callable[..., Any]:
@@ -84,6 +98,137 @@ def _streaming(behaviour: Callable[..., Iterator[Any]], method: str) -> Callable
     return guarded
 
 
+def _code_of(context: grpc.ServicerContext, error: BaseException | None) -> str:
+    if isinstance(error, GeneratorExit):  # the caller went away before the stream ended
+        return grpc.StatusCode.CANCELLED.name
+    code = context.code()  # type: ignore[attr-defined]
+    if isinstance(code, grpc.StatusCode):
+        return code.name
+    return grpc.StatusCode.OK.name if error is None else grpc.StatusCode.UNKNOWN.name
+
+
+class ObservingInterceptor(grpc.ServerInterceptor):
+    """Counts and times every call by method and code, and logs one line for it, carrying the
+    session id the caller put in the metadata (`x-styleblend-session`)."""
+
+    def __init__(self, metrics: ServiceMetrics) -> None:
+        self.metrics = metrics
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = continuation(handler_call_details)
+        if handler is None or handler_call_details.method.startswith(security.OPEN_PREFIXES):
+            return handler  # probes are not traffic
+        session_id = logs.session_from(handler_call_details.invocation_metadata)
+        return _wrapped(
+            handler,
+            handler_call_details.method,
+            lambda behaviour, method: self._unary(behaviour, method, session_id),
+            lambda behaviour, method: self._streaming(behaviour, method, session_id),
+        )
+
+    def _unary(
+        self, behaviour: Callable[..., Any], method: str, session_id: str
+    ) -> Callable[..., Any]:
+        def observed(request: Any, context: grpc.ServicerContext) -> Any:
+            with logs.session(session_id):
+                started, error = time.perf_counter(), None
+                try:
+                    return behaviour(request, context)
+                except BaseException as raised:
+                    error = raised
+                    raise
+                finally:
+                    self._record(method, context, error, started)
+
+        return observed
+
+    def _streaming(
+        self, behaviour: Callable[..., Iterator[Any]], method: str, session_id: str
+    ) -> Callable[..., Any]:
+        def observed(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+            with logs.session(session_id):
+                started, error = time.perf_counter(), None
+                try:
+                    yield from behaviour(request, context)
+                except BaseException as raised:
+                    error = raised
+                    raise
+                finally:
+                    self._record(method, context, error, started)
+
+        return observed
+
+    def _record(
+        self,
+        method: str,
+        context: grpc.ServicerContext,
+        error: BaseException | None,
+        started: float,
+    ) -> None:
+        seconds = time.perf_counter() - started
+        code = _code_of(context, error)
+        service, _, name = method.strip("/").partition("/")
+        self.metrics.requests.labels(service, name, code).inc()
+        if code != "OK":
+            self.metrics.errors.labels(service, name, code).inc()
+        self.metrics.latency.labels(service, name).observe(seconds)
+        log.info(
+            "%s %s in %.1f ms",
+            method,
+            code,
+            seconds * 1000,
+            extra={
+                "service": self.metrics.service,
+                "rpc": method,
+                "code": code,
+                "duration_ms": round(seconds * 1000, 1),
+            },  # the session comes with every record (logs.install)
+        )
+
+
+class CountingExecutor(futures.ThreadPoolExecutor):
+    """A thread pool that knows how many calls wait for a thread and how many hold one."""
+
+    def __init__(self, max_workers: int) -> None:
+        super().__init__(max_workers=max_workers, thread_name_prefix="grpc")
+        self.workers = max_workers
+        self.queued = 0
+        self.busy = 0
+        self._count_lock = threading.Lock()
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> futures.Future[Any]:
+        with self._count_lock:
+            self.queued += 1
+
+        def counted() -> Any:
+            with self._count_lock:
+                self.queued -= 1
+                self.busy += 1
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                with self._count_lock:
+                    self.busy -= 1
+
+        return super().submit(counted)
+
+
+@dataclass(frozen=True)
+class Tls:
+    """Server TLS from files; with `client_ca`, clients must show a certificate it signed."""
+
+    cert_file: Path
+    key_file: Path
+    client_ca_file: Path | None = None
+
+    def credentials(self) -> grpc.ServerCredentials:
+        return security.server_credentials(self.cert_file, self.key_file, self.client_ca_file)
+
+
 @dataclass(frozen=True)
 class Servicer:
     """A servicer and how to register it: `add` is the generated add_XServicer_to_server."""
@@ -98,10 +243,16 @@ class RunningServer:
     server: grpc.Server
     port: int
     health: health.HealthServicer
+    metrics: ServiceMetrics = field(default_factory=lambda: ServiceMetrics("unnamed"))
+    metrics_http: MetricsHttp | None = None  # the /metrics endpoint, when one was asked for
 
     def stop(self, grace_s: float) -> threading.Event:
         self.health.enter_graceful_shutdown()
-        return self.server.stop(grace_s)
+        stopped = self.server.stop(grace_s)
+        if self.metrics_http is not None:
+            self.metrics_http.stop()
+            self.metrics_http = None
+        return stopped
 
 
 def start_server(
@@ -110,22 +261,45 @@ def start_server(
     address: str,
     max_message_bytes: int,
     max_workers: int = 32,
+    tls: Tls | None = None,
+    token: str | None = None,
+    metrics: ServiceMetrics | None = None,
+    metrics_port: int | None = None,
 ) -> RunningServer:
     """Start a server on `address` (port 0 picks a free one) and return it with its port.
 
     `servicers` is called with the bound port, so a servicer can be wired to its own server.
+    With `tls` it speaks TLS only; with `token` every call but health and reflection needs it.
+    `metrics_port` (0: a free one) serves `metrics` over HTTP on the same interface.
     """
+    logs.install()
+    metrics = metrics or ServiceMetrics("unnamed")
+    executor = CountingExecutor(max_workers)
+    interceptors: list[grpc.ServerInterceptor] = [ObservingInterceptor(metrics)]
+    if token is not None:
+        interceptors.append(security.TokenInterceptor(token))
+    interceptors.append(DomainErrorInterceptor())
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=max_workers),
-        interceptors=[DomainErrorInterceptor()],
+        executor,
+        interceptors=interceptors,
         options=[
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
         ],
     )
-    port = server.add_insecure_port(address)
+    if tls is not None:
+        port = server.add_secure_port(address, tls.credentials())
+    else:
+        port = server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"cannot listen on {address}")
+    metrics.gauge_from(
+        "styleblend_grpc_queued_calls", "calls waiting for a server thread", lambda: executor.queued
+    )
+    metrics.gauge_from(
+        "styleblend_grpc_busy_threads", "server threads serving a call", lambda: executor.busy
+    )
+    metrics.gauge_from("styleblend_grpc_threads", "server threads in all", lambda: executor.workers)
     entries = servicers(port)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -138,8 +312,13 @@ def start_server(
         [*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
     )
     server.start()
-    log.info("serving %s on port %d", ", ".join(names), port)
-    return RunningServer(server, port, health_servicer)
+    log.info("serving %s on port %d%s", ", ".join(names), port, " (TLS)" if tls else "")
+    metrics_http = None
+    if metrics_port is not None:
+        host = address.rpartition(":")[0].strip("[]")
+        metrics_http = serve_metrics(metrics, host, metrics_port)
+        log.info("metrics at http://%s:%d/metrics", host or "0.0.0.0", metrics_http.port)
+    return RunningServer(server, port, health_servicer, metrics, metrics_http)
 
 
 def serve_until_terminated(running: RunningServer, grace_s: float) -> None:

@@ -124,6 +124,14 @@ class FeatureExtractor:
         )
         self._lock = threading.Lock()
 
+    @property
+    def cache_bytes(self) -> int:
+        return int(self._cache.currsize)
+
+    @property
+    def cache_budget_bytes(self) -> int:
+        return int(self._cache.maxsize)
+
     def check_layers(self, layers: Sequence[str], field: str) -> None:
         known = self.manifest.layer_names
         unknown = [name for name in layers if name not in known]

@@ -7,6 +7,7 @@ from styleblend.internal.v1 import features_pb2, features_pb2_grpc
 
 from services.common import wire
 from services.common.errors import FailedPrecondition
+from services.common.metrics import ServiceMetrics
 from services.common.server import Servicer
 from services.features.core import FeatureExtractor
 from services.features.fast import FastModels, FastStyliser
@@ -19,9 +20,30 @@ _COLOR_TRANSFORMS = {
 
 
 class FeaturesServicer(features_pb2_grpc.FeaturesServiceServicer):
-    def __init__(self, extractor: FeatureExtractor, fast: FastModels | None = None) -> None:
+    def __init__(
+        self,
+        extractor: FeatureExtractor,
+        fast: FastModels | None = None,
+        metrics: ServiceMetrics | None = None,
+    ) -> None:
         self.extractor = extractor
         self.fast = fast
+        metrics = metrics or ServiceMetrics("features")
+        self.cache_lookups = metrics.counter(
+            "styleblend_features_cache_lookups",
+            "Extract calls by whether the cache held everything they asked for",
+            ("result",),
+        )
+        metrics.gauge_from(
+            "styleblend_features_cache_bytes",
+            "bytes of Gram matrices and feature maps the cache holds",
+            lambda: extractor.cache_bytes,
+        )
+        metrics.gauge_from(
+            "styleblend_features_cache_budget_bytes",
+            "the cache's memory budget",
+            lambda: extractor.cache_budget_bytes,
+        )
 
     def Extract(
         self, request: features_pb2.ExtractRequest, context: grpc.ServicerContext
@@ -35,6 +57,7 @@ class FeaturesServicer(features_pb2_grpc.FeaturesServiceServicer):
             _COLOR_TRANSFORMS.get(request.color, "?"),
             request.color_reference,
         )
+        self.cache_lookups.labels("hit" if extraction.cached else "miss").inc()
         return features_pb2.ExtractResponse(
             grams=wire.to_layer_tensors(extraction.grams),
             features=wire.to_layer_tensors(extraction.features),
@@ -69,9 +92,13 @@ class FeaturesServicer(features_pb2_grpc.FeaturesServiceServicer):
         return list(self.fast.models.values()) if self.fast else []
 
 
-def features_servicer(extractor: FeatureExtractor, fast: FastModels | None = None) -> Servicer:
+def features_servicer(
+    extractor: FeatureExtractor,
+    fast: FastModels | None = None,
+    metrics: ServiceMetrics | None = None,
+) -> Servicer:
     return Servicer(
         features_pb2.DESCRIPTOR.services_by_name["FeaturesService"].full_name,
-        FeaturesServicer(extractor, fast),
+        FeaturesServicer(extractor, fast, metrics),
         features_pb2_grpc.add_FeaturesServiceServicer_to_server,
     )

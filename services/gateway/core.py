@@ -64,11 +64,16 @@ class Gateway:
         with self._lock:
             return self._uploads.get(upload_id)
 
-    def start(self, request: styleblend_pb2.BlendRequest) -> BlendRun:
-        """Check everything and return the run; nothing has been computed yet."""
+    def start(
+        self, request: styleblend_pb2.BlendRequest, upstreams: Upstreams | None = None
+    ) -> BlendRun:
+        """Check everything and return the run; nothing has been computed yet. `upstreams`:
+        the channels this run calls through (e.g. ones that name its session)."""
         model = self.model()
         plan = plan_blend(request, model.manifest, self.config, self.uploaded, model.fast)
-        return BlendRun(plan, model.manifest, self.upstreams, self.config, self.uploaded)
+        return BlendRun(
+            plan, model.manifest, upstreams or self.upstreams, self.config, self.uploaded
+        )
 
     def info(self) -> styleblend_pb2.GetInfoResponse:
         model = self.model()

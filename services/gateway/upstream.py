@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
@@ -15,7 +16,7 @@ from styleblend.internal.v1 import (
     reconstruction_pb2_grpc,
 )
 
-from services.common import errors
+from services.common import errors, logs, security
 from services.common.config import GatewayConfig
 
 T = TypeVar("T")
@@ -59,30 +60,69 @@ class ReconstructCall:
         self._call.cancel()
 
 
-class Upstreams:
-    """Channels to features, blending and reconstruction, from the gateway's config."""
+def upstream_credentials(config: GatewayConfig) -> grpc.ChannelCredentials | None:
+    """TLS to the services when the config names their CA (with a client certificate: mutual)."""
+    if config.upstream_ca_file is None:
+        return None
+    return security.channel_credentials(
+        config.upstream_ca_file, config.upstream_cert_file, config.upstream_key_file
+    )
 
-    def __init__(self, config: GatewayConfig) -> None:
+
+def open_channel(
+    address: str, credentials: grpc.ChannelCredentials | None, options: list[tuple[str, object]]
+) -> grpc.Channel:
+    if credentials is None:
+        return grpc.insecure_channel(address, options=options)
+    return grpc.secure_channel(address, credentials, options=options)
+
+
+class Upstreams:
+    """Channels to features, blending and reconstruction, from the gateway's config.
+
+    `token`: sent on every call; only for the one-process graph, where the gateway's own
+    server (token and all) hosts the other three. `for_session` gives a view whose calls carry
+    a session id, so the other services' logs can say which session they worked for.
+    """
+
+    def __init__(self, config: GatewayConfig, token: str | None = None) -> None:
         self.config = config
-        options = [
+        options: list[tuple[str, object]] = [
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_send_message_length", config.max_message_bytes),
+            # With a `dns:///name-headless:port` target every replica is a backend and calls
+            # spread over them; a Reconstruct stream is one call, so it stays on one replica.
+            ("grpc.lb_policy_name", "round_robin"),
+            # A restarted service is found again within a second; gRPC's default backoff
+            # grows to two minutes, refusing calls all that time though the service is back.
+            ("grpc.initial_reconnect_backoff_ms", 200),
+            ("grpc.max_reconnect_backoff_ms", 1000),
         ]
+        credentials = upstream_credentials(config)
         self._channels = [
-            grpc.insecure_channel(address, options=options)
+            open_channel(address, credentials, options)
             for address in (
                 config.features_address,
                 config.blending_address,
                 config.reconstruction_address,
             )
         ]
+        self.metadata: tuple[tuple[str, str], ...] = (
+            ((security.AUTHORIZATION, f"Bearer {token}"),) if token else ()
+        )
         self.features = features_pb2_grpc.FeaturesServiceStub(self._channels[0])
         self.blending = blending_pb2_grpc.BlendingServiceStub(self._channels[1])
         self.reconstruction = reconstruction_pb2_grpc.ReconstructionServiceStub(self._channels[2])
 
+    def for_session(self, session_id: str) -> Upstreams:
+        """The same channels; every call names `session_id` in its metadata."""
+        view = copy.copy(self)
+        view.metadata = (*self.metadata, (logs.SESSION_KEY, session_id))
+        return view
+
     def _unary(self, service: str, address: str, call: Callable[..., T], request: object) -> T:
         try:
-            return call(request, timeout=self.config.upstream_timeout_s)
+            return call(request, timeout=self.config.upstream_timeout_s, metadata=self.metadata)
         except grpc.RpcError as error:
             raise domain_error(error, service, address) from None
 
@@ -124,7 +164,7 @@ class Upstreams:
         self, requests: Iterator[reconstruction_pb2.ReconstructRequest]
     ) -> ReconstructCall:
         # No deadline: a run lasts as long as its iterations; a down service still fails fast.
-        call = self.reconstruction.Reconstruct(requests)
+        call = self.reconstruction.Reconstruct(requests, metadata=self.metadata)
         return ReconstructCall(call, self.config.reconstruction_address)
 
     def close(self) -> None:

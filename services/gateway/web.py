@@ -4,6 +4,12 @@ A thin adapter beside the gateway's gRPC server and a gRPC client of it: each We
 frame from the page is a `SessionRequest` in protobuf's canonical JSON, each frame to the page
 a `SessionResponse` in the same form. No blending logic lives here; the gateway checks
 everything. A failed call reaches the page as `{"error": {"code": "...", "message": "..."}}`.
+
+Tokens: the bridge holds none. The page sends the gateway's token, when there is one, as
+`Authorization: Bearer …` on HTTP calls and as a first WebSocket frame `{"token": "…"}` (a
+browser cannot set headers on a WebSocket); the bridge passes it on as gRPC metadata and the
+gateway checks it, so the studio and gRPC clients meet the same rule. The bridge also names the
+browser's address (`x-styleblend-client`), so session limits count browsers, not the bridge.
 """
 
 from __future__ import annotations
@@ -22,6 +28,8 @@ from aiohttp import WSCloseCode, WSMsgType, web
 from google.protobuf import json_format
 from google.protobuf.message import Message
 from styleblend.v1 import styleblend_pb2, styleblend_pb2_grpc
+
+from services.common.security import AUTHORIZATION, CLIENT_KEY
 
 if TYPE_CHECKING:
     from styleblend.v1.styleblend_pb2_grpc import StyleBlendAsyncStub
@@ -65,6 +73,28 @@ def rpc_error_json(error: grpc.aio.AioRpcError) -> str:
     return error_json(error.code().name, error.details() or "the gateway gave no details")
 
 
+Metadata = tuple[tuple[str, str], ...]
+
+
+def call_metadata(remote: str | None, authorization: str | None) -> Metadata:
+    """What a bridged call carries: the browser's address, and its token if it sent one."""
+    metadata: list[tuple[str, str]] = [(CLIENT_KEY, remote or "unknown")]
+    if authorization:
+        metadata.append((AUTHORIZATION, authorization))
+    return tuple(metadata)
+
+
+def token_frame(text: str) -> str | None:
+    """The token of a `{"token": "…"}` frame; None for any other frame."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    if isinstance(value, dict) and set(value) == {"token"} and isinstance(value["token"], str):
+        return value["token"]
+    return None
+
+
 @dataclass(frozen=True)
 class Sample:
     kind: str  # "content" or "style"
@@ -86,9 +116,14 @@ def find_samples(folder: Path) -> list[Sample]:
 class Session:
     """One WebSocket bridged to one `Session` call; the call starts with the first good frame."""
 
-    def __init__(self, socket: web.WebSocketResponse, stub: StyleBlendAsyncStub) -> None:
+    def __init__(
+        self, socket: web.WebSocketResponse, stub: StyleBlendAsyncStub, remote: str | None
+    ) -> None:
         self.socket = socket
         self.stub = stub
+        self.remote = remote
+        self.authorization: str | None = None  # from a token frame before the first request
+        self._started = False
         self._requests: asyncio.Queue[styleblend_pb2.SessionRequest | None] = asyncio.Queue()
         self._send_lock = asyncio.Lock()  # the reader's error frames and the events interleave
 
@@ -98,7 +133,9 @@ class Session:
         if first is None:  # the page left before sending anything usable
             await reader
             return
-        call = self.stub.Session(self._outgoing(first))
+        call = self.stub.Session(
+            self._outgoing(first), metadata=call_metadata(self.remote, self.authorization)
+        )
         writer = asyncio.create_task(self._write_events(call))
         # Whichever ends first ends both: a finished call closes the socket, a closed socket
         # cancels the call (the gateway then stops the reconstruction within one iteration).
@@ -136,6 +173,15 @@ class Session:
                 if frame.type != WSMsgType.TEXT:
                     await self.send(error_json("INVALID_ARGUMENT", "frames must be JSON text"))
                     continue
+                token = token_frame(frame.data)
+                if token is not None:
+                    if self._started:
+                        await self.send(
+                            error_json("INVALID_ARGUMENT", "the token goes before `start`")
+                        )
+                    else:
+                        self.authorization = f"Bearer {token}"
+                    continue
                 try:
                     request = json_format.Parse(frame.data, styleblend_pb2.SessionRequest())
                 except json_format.ParseError as error:
@@ -143,6 +189,7 @@ class Session:
                         error_json("INVALID_ARGUMENT", f"not a SessionRequest: {error}")
                     )
                     continue
+                self._started = True
                 await self._requests.put(request)
         finally:
             await self._requests.put(None)  # ends the request stream: a half-close
@@ -164,15 +211,22 @@ class Bridge:
     """The aiohttp application's handlers; lives on the bridge's own event loop."""
 
     def __init__(
-        self, gateway_address: str, max_message_bytes: int, web_dir: Path, samples_dir: Path
+        self,
+        gateway_address: str,
+        max_message_bytes: int,
+        web_dir: Path,
+        samples_dir: Path,
+        credentials: grpc.ChannelCredentials | None = None,
     ) -> None:
         limit = max_message_bytes
-        self.channel = grpc.aio.insecure_channel(
-            gateway_address,
-            options=[
-                ("grpc.max_receive_message_length", limit),
-                ("grpc.max_send_message_length", limit),
-            ],
+        options = [
+            ("grpc.max_receive_message_length", limit),
+            ("grpc.max_send_message_length", limit),
+        ]
+        self.channel = (
+            grpc.aio.insecure_channel(gateway_address, options=options)
+            if credentials is None
+            else grpc.aio.secure_channel(gateway_address, credentials, options=options)
         )
         self.stub: StyleBlendAsyncStub = styleblend_pb2_grpc.StyleBlendStub(self.channel)
         self.max_message_bytes = max_message_bytes
@@ -201,7 +255,7 @@ class Bridge:
         # Frames from the page carry style maps; a result frame may be a large PNG in base64.
         socket = web.WebSocketResponse(max_msg_size=self.max_message_bytes, heartbeat=30)
         await socket.prepare(request)
-        session = Session(socket, self.stub)
+        session = Session(socket, self.stub, request.remote)
         self.sessions.add(session)
         try:
             await session.run()
@@ -212,7 +266,11 @@ class Bridge:
 
     async def info(self, request: web.Request) -> web.Response:
         try:
-            info = await self.stub.GetInfo(styleblend_pb2.GetInfoRequest(), timeout=UNARY_TIMEOUT_S)
+            info = await self.stub.GetInfo(
+                styleblend_pb2.GetInfoRequest(),
+                timeout=UNARY_TIMEOUT_S,
+                metadata=call_metadata(request.remote, request.headers.get("Authorization")),
+            )
         except grpc.aio.AioRpcError as error:
             return rpc_error_response(error)
         return web.Response(text=to_json(info), content_type="application/json")
@@ -221,7 +279,9 @@ class Bridge:
         data = await request.read()
         try:
             uploaded = await self.stub.UploadImage(
-                styleblend_pb2.UploadImageRequest(data=data), timeout=UNARY_TIMEOUT_S
+                styleblend_pb2.UploadImageRequest(data=data),
+                timeout=UNARY_TIMEOUT_S,
+                metadata=call_metadata(request.remote, request.headers.get("Authorization")),
             )
         except grpc.aio.AioRpcError as error:
             return rpc_error_response(error)
@@ -259,6 +319,7 @@ class WebServer:
         max_message_bytes: int,
         web_dir: Path,
         samples_dir: Path,
+        credentials: grpc.ChannelCredentials | None = None,
     ) -> None:
         self.host = host
         self.port = port
@@ -266,6 +327,7 @@ class WebServer:
         self.max_message_bytes = max_message_bytes
         self.web_dir = web_dir
         self.samples_dir = samples_dir
+        self.credentials = credentials
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True, name="web")
         self._runner: web.AppRunner | None = None
@@ -290,7 +352,11 @@ class WebServer:
     async def _serve(self) -> None:
         # The gRPC channel belongs to the loop that uses it, so it is made here.
         self._bridge = Bridge(
-            self.gateway_address, self.max_message_bytes, self.web_dir, self.samples_dir
+            self.gateway_address,
+            self.max_message_bytes,
+            self.web_dir,
+            self.samples_dir,
+            self.credentials,
         )
         self._runner = web.AppRunner(
             self._bridge.application(), access_log=None, shutdown_timeout=2.0
@@ -314,8 +380,10 @@ def start_web(
     max_message_bytes: int = 64 * MiB,
     web_dir: Path = WEB_DIR,
     samples_dir: Path = SAMPLES_DIR,
+    credentials: grpc.ChannelCredentials | None = None,
 ) -> WebServer:
-    """Serve the studio on host:port (0 picks a free port), bridged to the gateway's gRPC API."""
+    """Serve the studio on host:port (0 picks a free port), bridged to the gateway's gRPC API
+    (over TLS with `credentials`)."""
     server = WebServer(
         host,
         port,
@@ -323,6 +391,7 @@ def start_web(
         max_message_bytes=max_message_bytes,
         web_dir=web_dir,
         samples_dir=samples_dir,
+        credentials=credentials,
     )
     server.start()
     log.info("studio at http://%s:%d/ (gateway %s)", host, server.port, gateway_address)

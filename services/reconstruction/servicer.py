@@ -6,6 +6,7 @@ thread that streams to the caller, so it never slows an iteration down.
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import queue
 import threading
@@ -19,6 +20,7 @@ from styleblend.v1 import styleblend_pb2
 from services.common import images, wire
 from services.common.errors import FailedPrecondition, InvalidArgument, StyleBlendError
 from services.common.manifest import Manifest
+from services.common.metrics import ServiceMetrics
 from services.common.server import Servicer
 from services.reconstruction import core
 
@@ -151,7 +153,10 @@ def in_background(events: Iterator[core.Event], control: core.Control) -> Iterat
             handover.put(error)
         handover.put(_DONE)
 
-    worker = threading.Thread(target=pump, name="reconstruction", daemon=True)
+    # The context goes along, so what the optimisation logs names the caller's session.
+    worker = threading.Thread(
+        target=contextvars.copy_context().run, args=(pump,), name="reconstruction", daemon=True
+    )
     worker.start()
     try:
         while (item := handover.get()) is not _DONE:
@@ -163,11 +168,28 @@ def in_background(events: Iterator[core.Event], control: core.Control) -> Iterat
 
 
 class ReconstructionServicer(reconstruction_pb2_grpc.ReconstructionServiceServicer):
-    def __init__(self, net: core.FeatureNet, manifest: Manifest, device: torch.device) -> None:
+    def __init__(
+        self,
+        net: core.FeatureNet,
+        manifest: Manifest,
+        device: torch.device,
+        metrics: ServiceMetrics | None = None,
+    ) -> None:
         self.net = net
         self.manifest = manifest
         self.device = device
         self.strides = {layer.name: layer.stride for layer in manifest.layers}
+        metrics = metrics or ServiceMetrics("reconstruction")
+        self.active = metrics.gauge(
+            "styleblend_reconstruction_active_sessions", "Reconstruct streams running now"
+        )
+        self.iterations = metrics.counter(
+            "styleblend_reconstruction_iterations", "optimisation steps taken, all runs together"
+        )
+        self.iterations_per_second = metrics.gauge(
+            "styleblend_reconstruction_iterations_per_second",
+            "the latest rate a run reported (rate(…iterations_total) for all runs)",
+        )
 
     def Reconstruct(
         self,
@@ -182,11 +204,19 @@ class ReconstructionServicer(reconstruction_pb2_grpc.ReconstructionServiceServic
         control = core.Control()
         context.add_callback(control.cancel.set)
         threading.Thread(
-            target=follow, args=(request_iterator, control), daemon=True, name="session-follow"
+            target=contextvars.copy_context().run,
+            args=(follow, request_iterator, control),
+            daemon=True,
+            name="session-follow",
         ).start()
         events = core.reconstruct(self.net, job, control, self.device, self.strides)
-        for event in in_background(events, control):
-            yield reconstruction_pb2.ReconstructResponse(event=event_message(event))
+        log.info("reconstructing: %d scale(s), %s", len(job.scales), job.optimizer)
+        with self.active.track_inprogress():
+            for event in in_background(events, control):
+                if isinstance(event, core.Progress):
+                    self.iterations.inc()
+                    self.iterations_per_second.set(event.iterations_per_second)
+                yield reconstruction_pb2.ReconstructResponse(event=event_message(event))
 
     def check_model(self, start: reconstruction_pb2.ReconstructJob) -> None:
         own = (self.manifest.model, self.manifest.weights_sha256)
@@ -227,10 +257,13 @@ def follow(
 
 
 def reconstruction_servicer(
-    net: core.FeatureNet, manifest: Manifest, device: torch.device
+    net: core.FeatureNet,
+    manifest: Manifest,
+    device: torch.device,
+    metrics: ServiceMetrics | None = None,
 ) -> Servicer:
     return Servicer(
         reconstruction_pb2.DESCRIPTOR.services_by_name["ReconstructionService"].full_name,
-        ReconstructionServicer(net, manifest, device),
+        ReconstructionServicer(net, manifest, device, metrics),
         reconstruction_pb2_grpc.add_ReconstructionServiceServicer_to_server,
     )
