@@ -29,7 +29,7 @@ def test_a_blends_session_id_is_in_the_logs_of_every_service_it_reaches(
     events = [response.event for response in call]
     assert events[-1].HasField("result")
     # The gateway names the session to its client too, at the start of the stream.
-    session_id = dict(call.initial_metadata())[logs.SESSION_KEY]  # type: ignore[attr-defined]
+    session_id = str(dict(call.initial_metadata())[logs.SESSION_KEY])
     assert len(session_id) == 16
 
     def rpcs(session: str) -> set[str]:
@@ -47,13 +47,13 @@ def test_a_blends_session_id_is_in_the_logs_of_every_service_it_reaches(
         "/styleblend.internal.v1.ReconstructionService/Reconstruct",
     ):
         assert rpc in seen, (rpc, seen)
-    # What the reconstruction logs from its own threads while serving names the session too.
+    # What a service logs itself while serving the session names it too.
     started = [r for r in caplog.records if r.getMessage().startswith("reconstructing:")]
     assert session_id in {getattr(r, "session", "") for r in started}
     # Another blend is another session.
     second = graph.stub().Blend(request, timeout=120)
     list(second)
-    assert dict(second.initial_metadata())[logs.SESSION_KEY] != session_id  # type: ignore[attr-defined]
+    assert dict(second.initial_metadata())[logs.SESSION_KEY] != session_id
 
 
 def test_json_lines_carry_the_session_and_the_extras() -> None:
