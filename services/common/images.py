@@ -46,27 +46,43 @@ def probe(data: bytes, what: str, max_pixels: int) -> ImageHeader:
     try:
         with Image.open(io.BytesIO(data)) as image:
             fmt, (width, height) = image.format or "", image.size
+            if fmt not in FORMATS:
+                raise InvalidArgument(
+                    f"{what}: format {fmt or 'unknown'} is not one of {', '.join(FORMATS)}"
+                )
+            # The limit first: reading EXIF can allocate the whole canvas (see _orientation).
+            if width * height > max_pixels:
+                raise ResourceExhausted(
+                    f"{what}: {width}×{height} = {width * height:,} pixels is over the limit "
+                    f"of {max_pixels:,} pixels"
+                )
             if _orientation(image) in _TRANSPOSED:
                 width, height = height, width
+    except (InvalidArgument, ResourceExhausted):
+        raise
     except Exception as error:
         raise InvalidArgument(f"{what}: not a readable image ({error})") from error
-    if fmt not in FORMATS:
-        raise InvalidArgument(
-            f"{what}: format {fmt or 'unknown'} is not one of {', '.join(FORMATS)}"
-        )
-    if width * height > max_pixels:
-        raise ResourceExhausted(
-            f"{what}: {width}×{height} = {width * height:,} pixels is over the limit of "
-            f"{max_pixels:,} pixels"
-        )
     return ImageHeader(fmt, width, height)
 
 
 def _orientation(image: Image.Image) -> int | None:
-    """The EXIF orientation, if the header has one; a PNG may keep it past its pixels."""
+    """The EXIF orientation, if the header has one, read without decoding any pixel.
+
+    Pillow's PNG getexif() decodes the whole image to look for an eXIf chunk after the pixels:
+    a 60-byte file claiming 5000×20,000,000 pixels then takes seconds and gigabytes before any
+    limit is checked. So a PNG's orientation comes only from an eXIf chunk before its pixels
+    (where writers put it); one after them is still applied when the image is decoded.
+    """
     try:
+        if image.format == "PNG":
+            raw = image.info.get("exif")
+            if not isinstance(raw, bytes):
+                return None
+            exif = Image.Exif()
+            exif.load(raw)
+            return exif.get(_EXIF_ORIENTATION)
         return image.getexif().get(_EXIF_ORIENTATION)
-    except (OSError, SyntaxError, ValueError):
+    except (OSError, SyntaxError, ValueError, struct.error):
         return None  # a truncated file: decoding will say so
 
 

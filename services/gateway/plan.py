@@ -379,10 +379,12 @@ def plan_blend(
     )
 
 
-def _optional(message: Any, field: str, default: float, *, positive: bool = False) -> float:
+def _optional(
+    message: Any, field: str, default: float, *, positive: bool = False, prefix: str = ""
+) -> float:
     if not message.HasField(field):
         return default
-    return _weight(getattr(message, field), field, positive=positive)
+    return _weight(getattr(message, field), f"{prefix}{field}", positive=positive)
 
 
 def apply_update(
@@ -424,7 +426,11 @@ def apply_update(
         fast=fast,
         sources=tuple(sources),
         regions=regions,
-        content_loss_weight=_optional(update, "content_loss_weight", plan.content_loss_weight),
-        style_loss_weight=_optional(update, "style_loss_weight", plan.style_loss_weight),
-        tv_loss_weight=_optional(update, "tv_loss_weight", plan.tv_loss_weight),
+        content_loss_weight=_optional(
+            update, "content_loss_weight", plan.content_loss_weight, prefix="update."
+        ),
+        style_loss_weight=_optional(
+            update, "style_loss_weight", plan.style_loss_weight, prefix="update."
+        ),
+        tv_loss_weight=_optional(update, "tv_loss_weight", plan.tv_loss_weight, prefix="update."),
     )
