@@ -72,7 +72,9 @@ def build_reconstruction(
     config: ReconstructionConfig, metrics: ServiceMetrics | None = None
 ) -> Servicer:
     from export.models import load_feature_net  # PyTorch lives here and in export/ only
+    from services.reconstruction.memory import Budget, MiB, Planner, device_bytes
     from services.reconstruction.servicer import reconstruction_servicer
+    from services.reconstruction.tiles import Tiling
 
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -94,7 +96,12 @@ def build_reconstruction(
             ("device", "kind"),
             gpu_memory,
         )
-    return reconstruction_servicer(net.to(device), manifest, device, metrics)
+    net = net.to(device)
+    budget = config.memory_budget_mib * MiB or device_bytes(device) * 3 // 4
+    tiling = Tiling(config.tile_px, config.tile_margin_px)
+    planner = Planner(net, device, Budget(budget), tiling)
+    log.info("memory budget %d MiB, %d px tiles beyond it", budget // MiB, config.tile_px)
+    return reconstruction_servicer(net, manifest, device, metrics, planner)
 
 
 def build_gateway(

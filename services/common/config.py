@@ -91,6 +91,11 @@ class ReconstructionConfig(ModelConfig):
     reconstruction_metrics_port: int | None = Field(None, ge=0, le=65535, description=_METRICS)
     device: str = Field("auto", description='"auto" (CUDA when there is one), "cpu" or "cuda:N"')
     threads: int = Field(0, ge=0, description="PyTorch CPU threads; 0 = its default")
+    memory_budget_mib: int = Field(
+        0, ge=0, description="memory all runs together may use; 0 = ¾ of the device's (or RAM)"
+    )
+    tile_px: int = Field(512, ge=32, description="tile side when a canvas is over the budget")
+    tile_margin_px: int = Field(64, ge=0, description="context around each tile")
 
 
 class GatewayConfig(ServiceConfig):

@@ -23,6 +23,7 @@ from services.common.manifest import Manifest
 from services.common.metrics import ServiceMetrics
 from services.common.server import Servicer
 from services.reconstruction import core
+from services.reconstruction.memory import Budget, MiB, Planner, device_bytes
 
 _OPTIMIZERS = {styleblend_pb2.OPTIMIZER_LBFGS: "lbfgs", styleblend_pb2.OPTIMIZER_ADAM: "adam"}
 _DONE = object()
@@ -174,8 +175,10 @@ class ReconstructionServicer(reconstruction_pb2_grpc.ReconstructionServiceServic
         manifest: Manifest,
         device: torch.device,
         metrics: ServiceMetrics | None = None,
+        planner: Planner | None = None,
     ) -> None:
         self.net = net
+        self.planner = planner or Planner(net, device, Budget(device_bytes(device) * 3 // 4))
         self.manifest = manifest
         self.device = device
         self.strides = {layer.name: layer.stride for layer in manifest.layers}
@@ -200,7 +203,7 @@ class ReconstructionServicer(reconstruction_pb2_grpc.ReconstructionServiceServic
         if first is None or not first.HasField("start"):
             raise InvalidArgument("the first message must carry `start`")
         self.check_model(first.start)
-        job = to_job(first.start)
+        job, reservation = self.planner.plan(to_job(first.start))
         control = core.Control()
         context.add_callback(control.cancel.set)
         threading.Thread(
@@ -210,8 +213,12 @@ class ReconstructionServicer(reconstruction_pb2_grpc.ReconstructionServiceServic
             name="session-follow",
         ).start()
         events = core.reconstruct(self.net, job, control, self.device, self.strides)
-        log.info("reconstructing: %d scale(s), %s", len(job.scales), job.optimizer)
-        with self.active.track_inprogress():
+        log.info(
+            "reconstructing: %d scale(s), %s, %s, about %d MiB",
+            len(job.scales), job.optimizer, "tiled" if job.tiling else "whole",
+            reservation.nbytes // MiB,
+        )  # fmt: skip
+        with reservation, self.active.track_inprogress():
             for event in in_background(events, control):
                 if isinstance(event, core.Progress):
                     self.iterations.inc()
@@ -261,9 +268,10 @@ def reconstruction_servicer(
     manifest: Manifest,
     device: torch.device,
     metrics: ServiceMetrics | None = None,
+    planner: Planner | None = None,
 ) -> Servicer:
     return Servicer(
         reconstruction_pb2.DESCRIPTOR.services_by_name["ReconstructionService"].full_name,
-        ReconstructionServicer(net, manifest, device, metrics),
+        ReconstructionServicer(net, manifest, device, metrics, planner),
         reconstruction_pb2_grpc.add_ReconstructionServiceServicer_to_server,
     )
