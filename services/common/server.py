@@ -236,6 +236,9 @@ class Servicer:
     name: str  # full service name, e.g. "styleblend.v1.StyleBlend"
     servicer: object
     add: Callable[[Any, grpc.Server], None]
+    # Called with the grace period when the server stops, so long calls can end with what
+    # they have instead of being cancelled at its end.
+    drain: Callable[[float], None] | None = None
 
 
 @dataclass
@@ -245,10 +248,13 @@ class RunningServer:
     health: health.HealthServicer
     metrics: ServiceMetrics = field(default_factory=lambda: ServiceMetrics("unnamed"))
     metrics_http: MetricsHttp | None = None  # the /metrics endpoint, when one was asked for
+    drains: list[Callable[[float], None]] = field(default_factory=list)
 
     def stop(self, grace_s: float) -> threading.Event:
         self.health.enter_graceful_shutdown()
-        stopped = self.server.stop(grace_s)
+        stopped = self.server.stop(grace_s)  # new calls are refused from here on
+        for drain in self.drains:
+            drain(grace_s)
         if self.metrics_http is not None:
             self.metrics_http.stop()
             self.metrics_http = None
@@ -318,7 +324,8 @@ def start_server(
         host = address.rpartition(":")[0].strip("[]")
         metrics_http = serve_metrics(metrics, host, metrics_port)
         log.info("metrics at http://%s:%d/metrics", host or "0.0.0.0", metrics_http.port)
-    return RunningServer(server, port, health_servicer, metrics, metrics_http)
+    drains = [entry.drain for entry in entries if entry.drain is not None]
+    return RunningServer(server, port, health_servicer, metrics, metrics_http, drains)
 
 
 def serve_until_terminated(running: RunningServer, grace_s: float) -> None:

@@ -13,7 +13,7 @@ from services.common.config import GatewayConfig
 from services.common.fastmodel import FastManifest
 from services.common.manifest import Manifest
 from services.gateway.plan import plan_blend
-from services.gateway.run import BlendRun, Upstreams
+from services.gateway.run import BlendRun, Runs, Upstreams
 
 VERSION = "0.1.0"
 
@@ -40,6 +40,7 @@ class Gateway:
         )
         self._lock = threading.Lock()
         self._model: Model | None = None
+        self.runs = Runs()  # in flight; finished early when the server stops
 
     def model(self) -> Model:
         """The features service's manifests and providers, fetched once it answers."""
@@ -71,8 +72,8 @@ class Gateway:
         the channels this run calls through (e.g. ones that name its session)."""
         model = self.model()
         plan = plan_blend(request, model.manifest, self.config, self.uploaded, model.fast)
-        return BlendRun(
-            plan, model.manifest, upstreams or self.upstreams, self.config, self.uploaded
+        return self.runs.track(
+            BlendRun(plan, model.manifest, upstreams or self.upstreams, self.config, self.uploaded)
         )
 
     def info(self) -> styleblend_pb2.GetInfoResponse:

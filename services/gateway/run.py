@@ -1,14 +1,19 @@
 """One blend or session from features to result, with live updates along the way.
 
-Threads: the caller iterates `events()`; a pump moves the reconstruction's events into one
-outbox, where rejected updates also land; a worker turns accepted updates into new targets.
-Updates are checked on arrival, so a bad one is refused in-band and the run goes on.
+Threads: the caller iterates `events()`, which only reads one outbox; a pump thread computes
+the targets, starts the reconstruction and moves its events into the outbox, where rejected
+updates and errors also land; a worker turns accepted updates into new targets. Updates are
+checked on arrival, so a bad one is refused in-band and the run goes on. Because the caller
+only waits on the outbox, a cancel or a server shutting down reaches it at once, even while
+an upstream call is still out.
 """
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
+import weakref
 from collections.abc import Iterator
 from typing import Protocol
 
@@ -17,15 +22,21 @@ from styleblend.v1 import styleblend_pb2
 
 from services.common import images
 from services.common.config import GatewayConfig
-from services.common.errors import FailedPrecondition, StyleBlendError
+from services.common.errors import FailedPrecondition, StyleBlendError, Unavailable
 from services.common.manifest import Manifest
 from services.gateway.plan import Plan, PlannedSource, Scale, Uploads, apply_update
 from services.gateway.recipe import RECIPE_KEY, recipe_json
+
+log = logging.getLogger(__name__)
 
 _END = object()
 _FINISH = styleblend_pb2.SessionUpdate()  # queued behind the updates: the fast path's finish
 _LUMINANCE = styleblend_pb2.PRESERVE_COLOR_LUMINANCE
 _HISTOGRAM = styleblend_pb2.PRESERVE_COLOR_HISTOGRAM
+SHUTTING_DOWN = "the gateway is shutting down"
+# Of the grace period, what a run that cannot finish in time leaves before it says so: the
+# server cancels calls still open at its end, and a cancelled call tells the client nothing.
+_GRACE_FRACTION = 0.75
 
 
 class ReconstructStream(Protocol):
@@ -74,26 +85,18 @@ class BlendRun:
         self._received: dict[int, styleblend_pb2.SessionUpdate] = {}
         self._applied: list[tuple[int, int]] = []  # (update_id, iteration)
         self._stream: ReconstructStream | None = None
+        self._lock = threading.Lock()  # orders starting the stream against cancel and shutdown
         self._cancelled = threading.Event()
         self._finishing = threading.Event()
+        self._shutting_down = threading.Event()
+        self._session = False
         self._fast_image = b""  # the network's latest image
 
     # --- the caller's side -------------------------------------------------------------------
     def events(self, session: bool = False) -> Iterator[styleblend_pb2.BlendEvent]:
         """A Blend's events, or a Session's: a fast-only session waits for `finish`."""
-        init_image = b""
-        if self.plan.fast is not None:
-            self._fast_image = init_image = self._stylised(self.plan)
-            yield self._fast_preview(0)
-            if not self.plan.fast.refine:
-                yield from self._fast_only(session)
-                return
-        job = self._job(self._scale_targets(self.plan), init_image)
-        if self._cancelled.is_set():
-            return
-        self._stream = self.upstreams.reconstruct(self._requests(job))
-        threading.Thread(target=self._pump, daemon=True, name="gateway-pump").start()
-        threading.Thread(target=self._work_on_updates, daemon=True, name="gateway-updates").start()
+        self._session = session
+        threading.Thread(target=self._run, daemon=True, name="gateway-pump").start()
         try:
             while (item := self._outbox.get()) is not _END:
                 if isinstance(item, BaseException):
@@ -104,11 +107,16 @@ class BlendRun:
             self._cancelled.set()
             self._work.put((styleblend_pb2.SessionUpdate(), self.plan))  # wakes the worker to end
             self._controls.put(_END)
-            self._stream.cancel()
+            with self._lock:
+                stream = self._stream
+            if stream is not None:
+                stream.cancel()
 
     def update(self, update: styleblend_pb2.SessionUpdate) -> None:
         """Check an update now; refuse it in-band if it is bad, else queue its targets."""
         try:
+            if self._shutting_down.is_set():
+                raise FailedPrecondition(f"{SHUTTING_DOWN}; updates are no longer taken")
             if self._finishing.is_set():
                 raise FailedPrecondition("the session is finishing; updates are no longer taken")
             if update.update_id == 0 or update.update_id in self._received:
@@ -141,17 +149,72 @@ class BlendRun:
     def cancel(self) -> None:
         self._cancelled.set()
         self._controls.put(_END)
-        if self._stream is not None:
-            self._stream.cancel()
+        self._outbox.put(_END)  # the caller stops waiting, even if the targets are not ready
+        with self._lock:
+            stream = self._stream
+        if stream is not None:
+            stream.cancel()
+
+    def shut_down(self, grace_s: float) -> None:
+        """The server is stopping: finish now and send the image as it stands, or, with no
+        image yet, end with UNAVAILABLE. Either way within the grace period, and said in words.
+        """
+        with self._lock:
+            self._shutting_down.set()
+            # A reconstruction running, or a fast-only run (whose image exists once it has
+            # started), can finish; a run still computing its targets has nothing to send.
+            can_finish = self._stream is not None or self._fast_only_run()
+        if self._cancelled.is_set():
+            return
+        if self._session:
+            notice = Unavailable(
+                f"{SHUTTING_DOWN}: the session is finished early and its result is the image "
+                "as it stands; start a new session to go on"
+                if can_finish
+                else f"{SHUTTING_DOWN}: the session ends before its first image"
+            )
+            self._reject(0, notice)
+        if can_finish:
+            self.finish()
+        else:
+            self._outbox.put(Unavailable(f"{SHUTTING_DOWN}; send the request again"))
+        # If the result cannot come in time, say so before the server cancels the call.
+        timer = threading.Timer(grace_s * _GRACE_FRACTION, self._too_late)
+        timer.daemon = True
+        timer.start()
+
+    def _too_late(self) -> None:
+        self._outbox.put(
+            Unavailable(f"{SHUTTING_DOWN} and the result was not ready within its grace period")
+        )
 
     # --- threads -----------------------------------------------------------------------------
-    def _pump(self) -> None:
-        assert self._stream is not None
+    def _run(self) -> None:
+        """Targets, then the reconstruction's events into the outbox; errors go there too."""
         try:
-            for response in self._stream:
-                self._outbox.put(response.event)
+            self._start()
         except BaseException as error:  # handed to the caller, which raises it
             self._outbox.put(error)
+            self._outbox.put(_END)
+
+    def _start(self) -> None:
+        init_image = b""
+        if self.plan.fast is not None:
+            self._fast_image = init_image = self._stylised(self.plan)
+            self._outbox.put(self._fast_preview(0))
+            if not self.plan.fast.refine:
+                self._fast_only(self._session)
+                return
+        job = self._job(self._scale_targets(self.plan), init_image)
+        with self._lock:
+            if self._cancelled.is_set():
+                return
+            if self._shutting_down.is_set():
+                raise Unavailable(f"{SHUTTING_DOWN}; send the request again")
+            self._stream = stream = self.upstreams.reconstruct(self._requests(job))
+        threading.Thread(target=self._work_on_updates, daemon=True, name="gateway-updates").start()
+        for response in stream:
+            self._outbox.put(response.event)
         self._outbox.put(_END)
 
     def _work_on_updates(self) -> None:
@@ -178,19 +241,13 @@ class BlendRun:
     def _fast_only_run(self) -> bool:
         return self.plan.fast is not None and not self.plan.fast.refine
 
-    def _fast_only(self, session: bool) -> Iterator[styleblend_pb2.BlendEvent]:
+    def _fast_only(self, session: bool) -> None:
         """No reconstruction: a Blend ends with the network's image, a Session on finish."""
         if not session:
-            yield self._annotated(self._fast_result())
+            self._outbox.put(self._fast_result())
+            self._outbox.put(_END)
             return
-        threading.Thread(target=self._work_on_updates, daemon=True, name="gateway-updates").start()
-        try:
-            while (item := self._outbox.get()) is not _END:
-                assert isinstance(item, styleblend_pb2.BlendEvent)
-                yield self._annotated(item)
-        finally:
-            self._cancelled.set()
-            self._work.put((styleblend_pb2.SessionUpdate(), self.plan))
+        self._work_on_updates()
 
     def _send_fast_preview(self, update: styleblend_pb2.SessionUpdate, plan: Plan) -> None:
         try:
@@ -438,3 +495,29 @@ class BlendRun:
             if luminance and plan.content_source
             else b"",
         )
+
+
+class Runs:
+    """The runs in flight through one gateway, so a stopping server can finish them."""
+
+    def __init__(self) -> None:
+        self._runs: weakref.WeakSet[BlendRun] = weakref.WeakSet()
+        self._lock = threading.Lock()
+        self._grace_s: float | None = None  # set once the server stops
+
+    def track(self, run: BlendRun) -> BlendRun:
+        with self._lock:
+            self._runs.add(run)
+            grace_s = self._grace_s
+        if grace_s is not None:  # arrived as the server began to stop
+            run.shut_down(grace_s)
+        return run
+
+    def shut_down(self, grace_s: float) -> None:
+        """Tell every run the server is stopping; each ends within `grace_s`."""
+        with self._lock:
+            self._grace_s = grace_s
+            runs = list(self._runs)
+        log.info("finishing %d run(s) in flight, %.1f s grace", len(runs), grace_s)
+        for run in runs:
+            run.shut_down(grace_s)

@@ -119,4 +119,5 @@ def style_blend_servicer(gateway: Gateway, metrics: ServiceMetrics | None = None
         styleblend_pb2.DESCRIPTOR.services_by_name["StyleBlend"].full_name,
         StyleBlendServicer(gateway, slots),
         styleblend_pb2_grpc.add_StyleBlendServicer_to_server,
+        drain=gateway.runs.shut_down,
     )

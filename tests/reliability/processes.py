@@ -156,7 +156,10 @@ class ProcessGraph:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
     def stub(self) -> styleblend_pb2_grpc.StyleBlendStub:
-        channel = grpc.insecure_channel(
-            self.address("gateway"), options=[("grpc.max_receive_message_length", 64 * MiB)]
-        )
+        options = [
+            ("grpc.max_receive_message_length", 64 * MiB),
+            # Its own connection: one that failed while a service was down is not reused.
+            ("grpc.use_local_subchannel_pool", 1),
+        ]
+        channel = grpc.insecure_channel(self.address("gateway"), options=options)
         return styleblend_pb2_grpc.StyleBlendStub(channel)
