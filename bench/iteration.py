@@ -1,0 +1,137 @@
+"""One reconstruction iteration at 512 px, each CPU option on its own.
+
+    python -m bench.iteration --out out/bench [--size 512] [--repeats 5]
+
+An iteration is the objective's forward and backward to the image (five style layers and
+relu4_2), as `services.reconstruction.core` runs it. Variants: float32 NCHW (the baseline),
+channels_last, bfloat16 autocast (on a CPU without native bf16 it is emulated, and its loss and
+gradient are compared with float32), and one thread against all. Medians after a warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench.large import STYLE_LAYERS, feature_net, strides, targets
+from services.reconstruction import core
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def timed(step: Callable[[], object], repeats: int) -> dict[str, float]:
+    step()  # warm-up
+    samples = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        step()
+        samples.append(1000 * (time.perf_counter() - started))
+    return {"median": statistics.median(samples), "min": min(samples), "max": max(samples)}
+
+
+@contextlib.contextmanager
+def threads(count: int) -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def measure(size: int, repeats: int) -> dict[str, Any]:
+    torch.set_flush_denormal(True)
+    net = feature_net()
+    scale = targets(net, size, 1)
+    weights = core.LossWeights(1.0, 10.0, 1.0)
+    fused = copy.deepcopy(net).to(memory_format=torch.channels_last)  # type: ignore[attr-defined]
+    start = torch.rand(1, 3, scale.height, scale.width)
+    cpu = torch.device("cpu")
+
+    def iteration(model: Any, layout: torch.memory_format, bf16: bool) -> Callable[[], Any]:
+        objective = core.Objective(model, scale, weights, strides(net), cpu)
+
+        def step() -> tuple[float, torch.Tensor]:
+            image = start.clone(memory_format=layout).requires_grad_(True)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                loss, _ = objective(image)
+            loss.backward()
+            assert image.grad is not None
+            return float(loss), image.grad
+
+        return step
+
+    variants = {
+        "float32 NCHW": iteration(net, torch.contiguous_format, False),
+        "float32 channels_last": iteration(fused, torch.channels_last, False),
+        "bfloat16 autocast, channels_last": iteration(fused, torch.channels_last, True),
+    }
+    rows: dict[str, Any] = {name: timed(step, repeats) for name, step in variants.items()}
+    with threads(1):
+        rows["float32 channels_last, 1 thread"] = timed(variants["float32 channels_last"], repeats)
+    reference_loss, reference_grad = variants["float32 NCHW"]()
+    for name, step in variants.items():
+        loss, grad = step()
+        rows[name]["loss_relative_error"] = abs(loss - reference_loss) / abs(reference_loss)
+        rows[name]["gradient_relative_error"] = float(
+            (grad - reference_grad).norm() / reference_grad.norm()
+        )
+    baseline = rows["float32 NCHW"]["median"]
+    for row in rows.values():
+        row["speedup"] = baseline / row["median"]
+    return {
+        "size": size, "canvas": [scale.width, scale.height], "repeats": repeats,
+        "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
+        "torch": torch.__version__, "style_layers": STYLE_LAYERS, "variants": rows,
+    }  # fmt: skip
+
+
+def report(result: dict[str, Any]) -> str:
+    width, height = result["canvas"]
+    lines = [
+        "# One reconstruction iteration on the CPU (`python -m bench.iteration`)",
+        "",
+        f"{width}×{height}, forward and backward to the image, torch {result['torch']}, "
+        f"{result['threads']} threads unless marked; median (min–max) of {result['repeats']}.",
+        "",
+        "| variant | ms | speed-up | loss rel. error | gradient rel. error |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for name, row in result["variants"].items():
+        errors = (
+            f"{row['loss_relative_error']:.1e} | {row['gradient_relative_error']:.1e}"
+            if "loss_relative_error" in row
+            else "(as above) | (as above)"
+        )
+        lines.append(
+            f"| {name} | {row['median']:.0f} ({row['min']:.0f}–{row['max']:.0f}) | "
+            f"{row['speedup']:.2f}× | {errors} |"
+        )
+    return "\n".join([*lines, ""])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.iteration", description=__doc__)
+    parser.add_argument("--out", type=Path, default=ROOT / "out" / "bench")
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    result = measure(args.size, args.repeats)
+    (args.out / "iteration.json").write_text(json.dumps(result, indent=2))
+    (args.out / "iteration.md").write_text(report(result))
+    print(report(result))
+
+
+if __name__ == "__main__":
+    main()
