@@ -23,6 +23,8 @@ from services.common.metrics import MetricsHttp, ServiceMetrics, serve_metrics
 log = logging.getLogger(__name__)
 
 _STATUS = {code.value[0]: code for code in grpc.StatusCode}
+MAX_CONNECTION_AGE_S = 300
+MAX_CONNECTION_AGE_GRACE_S = 3600
 
 
 def status_of(error: errors.StyleBlendError) -> grpc.StatusCode:
@@ -291,6 +293,11 @@ def start_server(
         options=[
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
+            # Clients re-resolve DNS only when a connection ends: closing connections after a
+            # while lets round_robin find replicas the autoscaler added. The long grace lets a
+            # session running on the old connection finish.
+            ("grpc.max_connection_age_ms", MAX_CONNECTION_AGE_S * 1000),
+            ("grpc.max_connection_age_grace_ms", MAX_CONNECTION_AGE_GRACE_S * 1000),
         ],
     )
     if tls is not None:
