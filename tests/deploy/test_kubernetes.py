@@ -423,3 +423,17 @@ def test_gpu_overlay_keeps_tensorrt_engines_on_a_volume() -> None:
     assert not mount.get("readOnly", False)
     assert set(volume) == {"name", "persistentVolumeClaim"}
     assert volume["persistentVolumeClaim"]["claimName"] in of_kind(docs, "PersistentVolumeClaim")
+
+
+@pytest.mark.parametrize("target", OVERLAYS)
+def test_every_service_serves_metrics_on_its_own_port_closed_to_the_outside(target: str) -> None:
+    docs = render(target)
+    settings = config(docs)
+    for name, deployment in of_kind(docs, "Deployment").items():
+        ports = [p for p in main_container(deployment)["ports"] if p["name"] == "metrics"]
+        assert len(ports) == 1, name
+        port = ports[0]["containerPort"]
+        assert settings[f"STYLEBLEND_{name.upper()}_METRICS_PORT"] == str(port)
+        annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+        assert annotations == {"prometheus.io/scrape": "true", "prometheus.io/port": str(port)}
+        assert not allowed(docs, OUTSIDE, name, port), name
