@@ -130,8 +130,12 @@ def run_load(processes: ProcessGraph, shape: LoadShape) -> dict[str, Any]:
     between = resources(processes)
 
     sequential, started = Tally(), time.monotonic()
+    # The gateway's RSS along the way: a leak climbs, allocator drift levels off.
+    samples: dict[str, float] = {}
     for seed in range(shape.sequential):
         sequential.add(one_session(processes, shape, "sequential", seed))
+        if (seed + 1) % max(1, shape.sequential // 4) == 0:
+            samples[str(seed + 1)] = round(processes.rss("gateway") / MiB, 1)
     sequential_wall = time.monotonic() - started
 
     time.sleep(shape.settle_s)
@@ -149,6 +153,7 @@ def run_load(processes: ProcessGraph, shape: LoadShape) -> dict[str, Any]:
         "memory_before": before,
         "memory_after_concurrent": between,
         "memory_after": after,
+        "gateway_rss_mib_after_n_sequential_sessions": samples,
         "errors": concurrent.other_errors + sequential.other_errors,
         "refusals": concurrent.refusals + sequential.refusals,
     }
