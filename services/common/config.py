@@ -140,3 +140,15 @@ class GatewayConfig(ServiceConfig):
         if self.upstream_cert_file is not None and self.upstream_ca_file is None:
             raise ValueError("upstream_cert_file needs upstream_ca_file (TLS to the services)")
         return self
+
+    @model_validator(mode="after")
+    def _defaults_within_limits(self) -> GatewayConfig:
+        """A request that leaves a field unset must not be refused for a value it never gave."""
+        for default, limit in (("default_side_px", "max_side_px"),
+                               ("default_iterations", "max_iterations")):  # fmt: skip
+            if getattr(self, default) > getattr(self, limit):
+                raise ValueError(
+                    f"{default} {getattr(self, default)} is over {limit} {getattr(self, limit)}; "
+                    f"lower STYLEBLEND_{default.upper()} too"
+                )
+        return self
