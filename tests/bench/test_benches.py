@@ -12,7 +12,7 @@ from bench import iteration, large, peer
 
 
 def test_iteration_compares_every_variant_with_float32() -> None:
-    result = iteration.measure(size=48, repeats=1)
+    result = iteration.measure(size=48, repeats=1, bf16=True)
     rows = result["variants"]
     assert set(rows) == {
         "float32 NCHW",
