@@ -113,6 +113,12 @@ def spread(samples: list[float]) -> dict[str, float]:
     }
 
 
+def write_report(out: Path, name: str, data: object, markdown: str) -> None:
+    """`name`.json (the data) and `name`.md (the table) under `out`."""
+    (out / f"{name}.json").write_text(json.dumps(data, indent=2) + "\n")
+    (out / f"{name}.md").write_text(markdown)
+
+
 def timed_ms(run: Callable[[], object], repeats: int) -> dict[str, float]:
     run()  # warm-up: ONNX Runtime plans its memory, PyTorch its kernels, on a shape's first run
     times = []
@@ -724,8 +730,7 @@ def run(settings: Settings, out: Path) -> dict[str, Any]:
         "seconds": time.perf_counter() - started,
         "sizes": sizes,
     }
-    (out / "graph.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "graph.md").write_text(markdown(report))
+    write_report(out, "graph", report, markdown(report))
     return report
 
 

@@ -14,30 +14,16 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import json
 import platform
-import statistics
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from bench.graph import ROOT, timed_ms, write_report
 from bench.large import STYLE_LAYERS, feature_net, strides, targets
 from services.reconstruction import core
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def timed(step: Callable[[], object], repeats: int) -> dict[str, float]:
-    step()  # warm-up
-    samples = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        step()
-        samples.append(1000 * (time.perf_counter() - started))
-    return {"median": statistics.median(samples), "min": min(samples), "max": max(samples)}
 
 
 @contextlib.contextmanager
@@ -78,9 +64,10 @@ def measure(size: int, repeats: int, bf16: bool = False) -> dict[str, Any]:
     }
     if bf16:  # emulated where the CPU lacks bf16 instructions: minutes per step at 512 px
         variants["bfloat16 autocast, channels_last"] = iteration(fused, torch.channels_last, True)
-    rows: dict[str, Any] = {name: timed(step, repeats) for name, step in variants.items()}
+    rows: dict[str, Any] = {name: timed_ms(step, repeats) for name, step in variants.items()}
     with threads(1):
-        rows["float32 channels_last, 1 thread"] = timed(variants["float32 channels_last"], repeats)
+        one_thread = timed_ms(variants["float32 channels_last"], repeats)
+    rows["float32 channels_last, 1 thread"] = one_thread
     reference_loss, reference_grad = variants["float32 NCHW"]()
     for name, step in variants.items():
         loss, grad = step()
@@ -131,8 +118,7 @@ def main() -> None:
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     result = measure(args.size, args.repeats, args.bf16)
-    (args.out / "iteration.json").write_text(json.dumps(result, indent=2))
-    (args.out / "iteration.md").write_text(report(result))
+    write_report(args.out, "iteration", result, report(result))
     print(report(result))
 
 

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bench.graph import ROOT
+from bench.graph import ROOT, write_report
 from services.common import images
 from services.reconstruction import core
 from services.reconstruction.memory import Footprint, MiB, estimate_bytes
@@ -175,8 +175,7 @@ def main() -> None:
         return
     rows = [in_child(side, False) for side in args.sizes]
     rows += [in_child(side, True) for side in args.tiled]
-    (args.out / "large.json").write_text(json.dumps(rows, indent=2))
-    (args.out / "large.md").write_text(report(rows))
+    write_report(args.out, "large", rows, report(rows))
     print(report(rows))
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import subprocess
 import sys
 import tempfile
@@ -27,7 +26,7 @@ import torch
 from PIL import Image
 from styleblend.v1 import styleblend_pb2 as pb
 
-from bench.graph import ROOT, Graph, Settings, run_blend, spread, steady_gaps_ms
+from bench.graph import ROOT, Graph, Settings, run_blend, spread, steady_gaps_ms, write_report
 from services.common import images
 from services.reconstruction import core
 
@@ -153,8 +152,7 @@ def main() -> None:
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     result = measure(args.size, args.steps, args.out)
-    (args.out / "peer.json").write_text(json.dumps(result, indent=2))
-    (args.out / "peer.md").write_text(report(result))
+    write_report(args.out, "peer", result, report(result))
     print(report(result))
 
 

@@ -72,7 +72,7 @@ def build_reconstruction(
     config: ReconstructionConfig, metrics: ServiceMetrics | None = None
 ) -> Servicer:
     from export.models import load_feature_net  # PyTorch lives here and in export/ only
-    from services.reconstruction.memory import Budget, MiB, Planner, device_bytes
+    from services.reconstruction.memory import MiB, Planner, device_budget
     from services.reconstruction.servicer import reconstruction_servicer
     from services.reconstruction.tiles import Tiling
 
@@ -99,10 +99,10 @@ def build_reconstruction(
     net = net.to(device)
     if config.channels_last:  # the image follows the weights' layout through every layer
         net = net.to(memory_format=torch.channels_last)
-    budget = config.memory_budget_mib * MiB or device_bytes(device) * 3 // 4
+    budget = device_budget(device, config.memory_budget_mib)
     tiling = Tiling(config.tile_px, config.tile_margin_px)
-    planner = Planner(net, device, Budget(budget), tiling)
-    log.info("memory budget %d MiB, %d px tiles beyond it", budget // MiB, config.tile_px)
+    planner = Planner(net, device, budget, tiling)
+    log.info("memory budget %d MiB, %d px tiles beyond it", budget.total // MiB, config.tile_px)
     return reconstruction_servicer(net, manifest, device, metrics, planner)
 
 

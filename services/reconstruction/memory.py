@@ -139,6 +139,11 @@ def device_bytes(device: torch.device) -> int:
     return int(ram)
 
 
+def device_budget(device: torch.device, mib: int = 0) -> Budget:
+    """`mib` MiB, or (0) three quarters of what the device has."""
+    return Budget(mib * MiB or device_bytes(device) * 3 // 4)
+
+
 class Planner:
     """Decides, before a run, whether it fits whole, fits in tiles, or does not fit at all."""
 

@@ -23,7 +23,7 @@ from services.common.manifest import Manifest
 from services.common.metrics import ServiceMetrics
 from services.common.server import Servicer
 from services.reconstruction import core
-from services.reconstruction.memory import Budget, MiB, Planner, device_bytes
+from services.reconstruction.memory import MiB, Planner, device_budget
 
 _OPTIMIZERS = {styleblend_pb2.OPTIMIZER_LBFGS: "lbfgs", styleblend_pb2.OPTIMIZER_ADAM: "adam"}
 _DONE = object()
@@ -178,7 +178,7 @@ class ReconstructionServicer(reconstruction_pb2_grpc.ReconstructionServiceServic
         planner: Planner | None = None,
     ) -> None:
         self.net = net
-        self.planner = planner or Planner(net, device, Budget(device_bytes(device) * 3 // 4))
+        self.planner = planner or Planner(net, device, device_budget(device))
         self.manifest = manifest
         self.device = device
         self.strides = {layer.name: layer.stride for layer in manifest.layers}
