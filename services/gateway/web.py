@@ -133,9 +133,13 @@ class Session:
         if first is None:  # the page left before sending anything usable
             await reader
             return
-        call = self.stub.Session(
-            self._outgoing(first), metadata=call_metadata(self.remote, self.authorization)
-        )
+        metadata = call_metadata(self.remote, self.authorization)
+        if refusal := await self._refusal(metadata):
+            await self.send(refusal)
+            reader.cancel()
+            await asyncio.gather(reader, return_exceptions=True)
+            return
+        call = self.stub.Session(self._outgoing(first), metadata=metadata)
         writer = asyncio.create_task(self._write_events(call))
         # Whichever ends first ends both: a finished call closes the socket, a closed socket
         # cancels the call (the gateway then stops the reconstruction within one iteration).
@@ -146,6 +150,22 @@ class Session:
         for outcome in await asyncio.gather(reader, writer, return_exceptions=True):
             if isinstance(outcome, Exception):  # e.g. the page vanished mid-send
                 log.warning("session bridge ended with %r", outcome)
+
+    async def _refusal(self, metadata: Metadata) -> str | None:
+        """The error frame for a gateway that refuses this page's token, or None.
+
+        Asked with a unary call first because a stream refused at once races the first write:
+        grpc.aio then reports INTERNAL ("Internal error from Core") instead of the gateway's
+        UNAUTHENTICATED, and the person would not learn that the token is wrong.
+        """
+        try:
+            await self.stub.GetInfo(
+                styleblend_pb2.GetInfoRequest(), timeout=UNARY_TIMEOUT_S, metadata=metadata
+            )
+        except grpc.aio.AioRpcError as error:
+            if error.code() == grpc.StatusCode.UNAUTHENTICATED:
+                return rpc_error_json(error)
+        return None  # any other failure shows itself on the session's own call
 
     async def stop(self) -> None:
         """Tell the page that the server is stopping, then close; closing ends the call."""
