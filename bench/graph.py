@@ -554,7 +554,7 @@ def extraction(
     layers = list(dict.fromkeys(manifest.default_style_layers + manifest.default_content_layers))
     pixels = images.to_canvas(content, width, height)
     batch = np.ascontiguousarray(pixels.transpose(2, 0, 1)[None])
-    session = graph.extractor.session
+    session = graph.extractor.session_for(layers)
     repeats = max(settings.repeats, 5)
 
     def onnx() -> list[np.ndarray]:

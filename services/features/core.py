@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import onnx
+import onnx.utils
 import onnxruntime as ort
 from cachetools import LRUCache
 
@@ -19,6 +21,7 @@ from services.common.manifest import Manifest
 log = logging.getLogger(__name__)
 
 MIN_SIDE_PX = 32  # below this the deepest layers of the models have no pixels left
+SESSIONS = 4  # sets of taps kept ready: style, content, both, and one more
 
 
 def gram(features: np.ndarray) -> np.ndarray:
@@ -85,6 +88,11 @@ def session_providers(
     return providers
 
 
+def cut_to(model: onnx.ModelProto, input_name: str, taps: Sequence[str]) -> onnx.ModelProto:
+    """The part of `model` that computes `taps` from its input, with only them as outputs."""
+    return onnx.utils.Extractor(model).extract_model([input_name], list(taps))
+
+
 COLOR_TRANSFORMS = ("", "luminance", "match")
 
 
@@ -107,22 +115,42 @@ class FeatureExtractor:
         tensorrt: TensorRTSettings = DEFAULT_TENSORRT,
     ) -> None:
         self.manifest = Manifest.load(model_dir)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = intra_op_threads
-        chosen = choose_providers(providers, ort.get_available_providers())
+        self.model_path = model_dir / self.manifest.onnx_file
+        self._options = ort.SessionOptions()
+        self._options.intra_op_num_threads = intra_op_threads
         name = self.manifest.input_name
-        self.session = ort.InferenceSession(
-            str(model_dir / self.manifest.onnx_file),
-            sess_options=options,
-            providers=session_providers(chosen, tensorrt, lambda side: {name: (1, 3, side, side)}),
+        self._providers = session_providers(
+            choose_providers(providers, ort.get_available_providers()),
+            tensorrt,
+            lambda side: {name: (1, 3, side, side)},
         )
-        self.providers: list[str] = self.session.get_providers()
+        # ONNX Runtime runs every node of a graph whatever the outputs asked for, so each set
+        # of taps gets a session over the graph cut to them: the default style and content
+        # layers skip relu5_2 to relu5_4 and the reorders of ten unused outputs.
+        self._sessions: LRUCache[tuple[str, ...], ort.InferenceSession] = LRUCache(maxsize=SESSIONS)
+        self._sessions_lock = threading.Lock()
+        defaults = self.manifest.default_style_layers + self.manifest.default_content_layers
+        self.providers: list[str] = self.session_for(defaults).get_providers()
         log.info("model %s on ONNX Runtime, providers %s", self.manifest.model, self.providers)
+        self.forward_passes = 0  # runs of the model, for tests and the benchmark
         # (image sha256, width, height, colour transform, "gram" | "features", layer) -> array
         self._cache: LRUCache[tuple[str, int, int, str, str, str], np.ndarray] = LRUCache(
             maxsize=cache_bytes, getsizeof=lambda array: array.nbytes
         )
         self._lock = threading.Lock()
+
+    def session_for(self, layers: Sequence[str]) -> ort.InferenceSession:
+        """A session whose only outputs are `layers`, in sorted order."""
+        taps = tuple(sorted(set(layers)))
+        with self._sessions_lock:
+            session = self._sessions.get(taps)
+            if session is None:
+                cut = cut_to(onnx.load(str(self.model_path)), self.manifest.input_name, taps)
+                session = ort.InferenceSession(
+                    cut.SerializeToString(), sess_options=self._options, providers=self._providers
+                )
+                self._sessions[taps] = session
+        return session
 
     @property
     def cache_bytes(self) -> int:
@@ -203,14 +231,16 @@ class FeatureExtractor:
     ) -> dict[tuple[str, str], np.ndarray]:
         batch = np.ascontiguousarray(pixels.transpose(2, 0, 1)[None])
         layers = sorted({name for _, name in wanted})
+        session = self.session_for(layers)
         outputs = dict(
-            zip(layers, self.session.run(layers, {self.manifest.input_name: batch}), strict=True)
+            zip(layers, session.run(layers, {self.manifest.input_name: batch}), strict=True)
         )
         results = {
             (kind, name): gram(outputs[name][0]) if kind == "gram" else outputs[name][0]
             for kind, name in wanted
         }
         with self._lock:
+            self.forward_passes += 1
             for (kind, name), array in results.items():
                 if array.nbytes <= self._cache.maxsize:
                     self._cache[(*key, kind, name)] = array

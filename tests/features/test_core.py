@@ -3,14 +3,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
 
+from services.common import images
 from services.common.errors import FailedPrecondition, InvalidArgument
 from services.features.core import (
     FeatureExtractor,
     TensorRTSettings,
     choose_providers,
+    cut_to,
     gram,
     session_providers,
 )
@@ -53,22 +56,28 @@ def test_extract_matches_pytorch_and_caches(extractor: FeatureExtractor) -> None
         expected = net(pixels, ["relu3_1"])["relu3_1"][0].numpy()
     np.testing.assert_allclose(first.grams["relu3_1"], gram(expected), rtol=1e-3, atol=1e-3)
 
-    runs: list[tuple[object, ...]] = []
-    original = extractor.session.run
+    passes = extractor.forward_passes
+    again = extractor.extract(image, 48, 64, ["relu3_1"], ["relu4_2"])
+    assert again.cached and extractor.forward_passes == passes
+    np.testing.assert_array_equal(again.grams["relu3_1"], first.grams["relu3_1"])
+    extractor.extract(image, 48, 64, ["relu5_1"], [])  # a new layer runs the model once
+    assert extractor.forward_passes == passes + 1
 
-    def counted(*args: object, **kwargs: object) -> object:
-        runs.append(args)
-        return original(*args, **kwargs)
 
-    extractor.session.run = counted
-    try:
-        again = extractor.extract(image, 48, 64, ["relu3_1"], ["relu4_2"])
-        assert again.cached and runs == []
-        np.testing.assert_array_equal(again.grams["relu3_1"], first.grams["relu3_1"])
-        extractor.extract(image, 48, 64, ["relu5_1"], [])  # a new layer runs the model once
-        assert len(runs) == 1 and runs[0][0] == ["relu5_1"]
-    finally:
-        extractor.session.run = original
+def test_each_set_of_taps_runs_a_graph_cut_to_it(extractor: FeatureExtractor) -> None:
+    session = extractor.session_for(["relu4_2", "relu1_1"])
+    assert [output.name for output in session.get_outputs()] == ["relu1_1", "relu4_2"]
+    model = onnx.load(str(extractor.model_path))
+    cut = cut_to(model, extractor.manifest.input_name, ["relu4_2"])
+    convolutions = [[node for node in m.graph.node if node.op_type == "Conv"] for m in (model, cut)]
+    assert (len(convolutions[0]), len(convolutions[1])) == (16, 10)  # conv1_1 … conv4_2
+    assert extractor.session_for(["relu1_1", "relu4_2", "relu1_1"]) is session  # kept, by set
+    image = sample("content/coffee.jpg")
+    whole = extractor.extract(image, 64, 64, ["relu1_1"], ["relu4_2", "relu5_4"])
+    cut = extractor.session_for(["relu4_2"])
+    pixels = images.to_canvas(image, 64, 64).transpose(2, 0, 1)[None]
+    (alone,) = cut.run(["relu4_2"], {extractor.manifest.input_name: np.ascontiguousarray(pixels)})
+    np.testing.assert_allclose(alone[0], whole.features["relu4_2"], rtol=1e-5, atol=1e-5)
 
 
 def test_unknown_layers_and_tiny_sizes_are_refused(extractor: FeatureExtractor) -> None:
