@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -58,16 +59,36 @@ class Losses:
         return self.content + self.style + self.tv
 
 
+class _Gram(torch.autograd.Function):
+    """F Fᵀ / n for a C×N matrix, with a backward of one product instead of autograd's two.
+
+    Autograd sees two uses of F and computes ∂/∂F for each (two C×C by C×N products, then
+    their sum); the gradient is (G' + G'ᵀ) F / n, one product. This is a tenth of an
+    iteration's time on the CPU.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, flat: torch.Tensor, n: float) -> torch.Tensor:
+        ctx.save_for_backward(flat)
+        ctx.n = n
+        return (flat @ flat.T) / n
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (flat,) = ctx.saved_tensors
+        return ((grad + grad.T) @ flat) / ctx.n, None
+
+
 def gram(features: torch.Tensor) -> torch.Tensor:
     """G = F Fᵀ / (H W) for a 1×C×H×W feature map."""
-    flat = features.flatten(2)
-    return (flat @ flat.transpose(1, 2))[0] / flat.shape[2]
+    flat = features[0].flatten(1)
+    return _Gram.apply(flat, flat.shape[1])
 
 
 def guided_gram(features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Gₖ = (F⊙m)(F⊙m)ᵀ / Σm for a 1×C×H×W feature map and an H×W mask."""
-    masked = (features * mask).flatten(2)
-    return (masked @ masked.transpose(1, 2))[0] / mask.sum()
+    masked = (features * mask)[0].flatten(1)
+    return _Gram.apply(masked, float(mask.sum()))
 
 
 def relative_error(value: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -178,6 +178,23 @@ def test_a_guided_gram_with_a_full_mask_is_the_plain_gram() -> None:
     torch.testing.assert_close(core.guided_gram(features, half), core.gram(features[:, :, :3]))
 
 
+def test_the_grams_gradient_is_autograds_for_any_upstream_gradient() -> None:
+    features = torch.rand(1, 4, 3, 5, dtype=torch.float64, requires_grad=True)
+    mask = torch.rand(3, 5, dtype=torch.float64)
+    upstream = torch.rand(4, 4, dtype=torch.float64)  # not symmetric: the general case
+    flat = features[0].flatten(1)
+    for ours, plain in (
+        (core.gram(features), flat @ flat.T / 15),
+        (core.guided_gram(features, mask), (flat * mask.flatten()) @ (flat * mask.flatten()).T
+         / mask.sum()),
+    ):  # fmt: skip
+        torch.testing.assert_close(ours, plain)
+        (expected,) = torch.autograd.grad(plain, features, upstream)
+        (given,) = torch.autograd.grad(ours, features, upstream)
+        torch.testing.assert_close(given, expected)
+    assert torch.autograd.gradcheck(core.gram, (features,))
+
+
 def test_coarse_to_fine_runs_each_scale_and_previews_at_the_canvas_size(
     net: torch.nn.Module,
 ) -> None:
