@@ -9,6 +9,8 @@ normalised by H·W.
 
 from __future__ import annotations
 
+import copy
+import weakref
 from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -102,6 +104,23 @@ def total_variation(image: torch.Tensor) -> torch.Tensor:
     return down + right
 
 
+_TWINS: weakref.WeakKeyDictionary[torch.nn.Module, torch.nn.Module] = weakref.WeakKeyDictionary()
+
+
+def shape_probe(net: FeatureNet, device: torch.device) -> tuple[FeatureNet, torch.device]:
+    """A network that gives `net`'s activation shapes, and the device to feed it on.
+
+    A module's twin on the meta device computes shapes and no values: microseconds instead of
+    a forward pass when a session starts. Any other callable is probed as it is.
+    """
+    if not isinstance(net, torch.nn.Module):
+        return net, device
+    twin = _TWINS.get(net)
+    if twin is None:
+        twin = _TWINS[net] = copy.deepcopy(net).to("meta")
+    return twin, torch.device("meta")
+
+
 def _tensor(array: np.ndarray, device: torch.device) -> torch.Tensor:
     return torch.as_tensor(np.array(array, dtype=np.float32), device=device)
 
@@ -145,12 +164,10 @@ class Objective:
         known = cache.get(size, {})
         missing = [name for name in self.layers if name not in known]
         if missing:
-            probe = torch.zeros(1, 3, *size, device=device)
+            probe, on = shape_probe(self.net, device)
             with torch.no_grad():
-                known = {
-                    **known,
-                    **{n: tuple(f.shape) for n, f in self.net(probe, missing).items()},
-                }
+                taps = probe(torch.zeros(1, 3, *size, device=on), missing)
+            known = {**known, **{n: tuple(f.shape) for n, f in taps.items()}}
             cache[size] = known
         return known
 

@@ -195,6 +195,22 @@ def test_the_grams_gradient_is_autograds_for_any_upstream_gradient() -> None:
     assert torch.autograd.gradcheck(core.gram, (features,))
 
 
+@pytest.mark.parametrize("model", ["vgg19", "efficientnet-lite0"])
+def test_shapes_come_from_a_meta_twin_without_computing(model: str) -> None:
+    from export.models import build_feature_net
+    from services.reconstruction.objective import shape_probe
+
+    net, _ = build_feature_net(model)
+    probe, device = shape_probe(net, CPU)
+    assert device.type == "meta" and shape_probe(net, CPU)[0] is probe  # made once per network
+    layers = list(net.layer_names)[::3]
+    with torch.no_grad():
+        for height, width in ((45, 77), (64, 64)):
+            real = net(torch.zeros(1, 3, height, width), layers)
+            twin = probe(torch.zeros(1, 3, height, width, device=device), layers)
+            assert {n: f.shape for n, f in twin.items()} == {n: f.shape for n, f in real.items()}
+
+
 def test_coarse_to_fine_runs_each_scale_and_previews_at_the_canvas_size(
     net: torch.nn.Module,
 ) -> None:
