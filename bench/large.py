@@ -5,8 +5,9 @@
     python -m bench.large --out out/bench --picture 2048
 
 Each measurement runs in a fresh process (peak RSS only grows), so one size cannot inherit
-another's high-water mark: targets first, then the baseline, then a few Adam iterations of the
-reconstruction core; the figure is the peak above the baseline. The picture blends Starry Night
+another's high-water mark: the targets come from another process (as they come from the
+features service), then the baseline, then a few Adam iterations of the reconstruction core;
+the figure is the peak above the baseline. The picture blends Starry Night
 onto the astronaut coarse to fine (256, 512, 1024, then the final size), tiling wherever the
 canvas is larger than a tile.
 """
@@ -18,6 +19,7 @@ import json
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -81,10 +83,35 @@ def peak_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def save_targets(side: int, path: Path) -> None:
+    """Targets at `side` into an .npz, made in a process of their own: a whole-image forward
+    pass at 2048 px takes gigabytes, which would hide a tiled run's peak under its own."""
+    scale = targets(feature_net(), side, 1)
+    arrays = {f"gram_{name}": gram for name, gram in scale.channels[0].grams.items()}
+    arrays |= {"size": np.array([scale.width, scale.height]), "features": scale.features["relu4_2"]}
+    np.savez(path, **arrays)  # type: ignore[arg-type]  # numpy's stub reads ** as allow_pickle
+
+
+def load_targets(path: Path, iterations: int) -> core.ScaleTargets:
+    with np.load(path) as saved:
+        width, height = (int(v) for v in saved["size"])
+        grams = {k.removeprefix("gram_"): saved[k] for k in saved.files if k.startswith("gram_")}
+        features = saved["features"]
+    return core.ScaleTargets(
+        width, height, iterations, [core.StyleChannel(None, grams, 1.0)],
+        {"relu4_2": features}, {"relu4_2": np.ones(features.shape[1:], np.float32)},
+    )  # fmt: skip
+
+
 def one(side: int, tiled: bool, iterations: int = 3) -> dict[str, Any]:
-    """This process: the peak memory and time of `iterations` at `side` (run in a child)."""
+    """This process: the peak memory and time of `iterations` at `side` (run in a child),
+    with the targets from another child, as the service gets them from the features service."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "targets.npz"
+        command = [sys.executable, "-m", "bench.large", "--save-targets", str(side), str(path)]
+        subprocess.run(command, check=True, capture_output=True)
+        scale = load_targets(path, iterations)
     net = feature_net()
-    scale = targets(net, side, iterations)
     init = canvas(CONTENT, side)[0].permute(1, 2, 0).numpy()
     torch.set_flush_denormal(True)
     baseline = peak_mib()
@@ -163,7 +190,11 @@ def main() -> None:
     parser.add_argument("--picture", type=int, help="make a picture of this side, tiled")
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--tile", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--save-targets", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.save_targets:
+        save_targets(int(args.save_targets[0]), Path(args.save_targets[1]))
+        return
     if args.one:
         print(json.dumps(one(args.one, args.tile)))
         return
