@@ -3,7 +3,8 @@
     python -m bench.iteration --out out/bench [--size 512] [--repeats 5]
 
 An iteration is the objective's forward and backward to the image (five style layers and
-relu4_2), as `services.reconstruction.core` runs it. Variants: float32 NCHW (the baseline),
+relu4_2), as `services.reconstruction.core` runs it. Variants: plain float32 NCHW with the
+Gram matrix as autograd differentiates it (the baseline), the project's Gram backward,
 channels_last, bfloat16 autocast (on a CPU without native bf16 it is emulated, and its loss and
 gradient are compared with float32; `--bf16`, as it is slow here), and one thread against all.
 Medians after a warm-up.
@@ -23,7 +24,7 @@ import torch
 
 from bench.graph import ROOT, timed_ms, write_report
 from bench.large import STYLE_LAYERS, feature_net, strides, targets
-from services.reconstruction import core
+from services.reconstruction import core, objective
 
 
 @contextlib.contextmanager
@@ -36,6 +37,26 @@ def threads(count: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+# Plain PyTorch: autograd differentiates F Fᵀ as two products and a sum.
+BASELINE = "float32 NCHW, autograd's Gram"
+
+
+@contextlib.contextmanager
+def autograd_gram() -> Iterator[None]:
+    """The objective with the textbook Gram matrix, whose backward autograd derives."""
+
+    def gram(features: torch.Tensor) -> torch.Tensor:
+        flat = features.flatten(2)
+        return (flat @ flat.transpose(1, 2))[0] / flat.shape[2]
+
+    ours = objective.gram
+    objective.gram = gram
+    try:
+        yield
+    finally:
+        objective.gram = ours
+
+
 def measure(size: int, repeats: int, bf16: bool = False) -> dict[str, Any]:
     torch.set_flush_denormal(True)
     net = feature_net()
@@ -45,20 +66,26 @@ def measure(size: int, repeats: int, bf16: bool = False) -> dict[str, Any]:
     start = torch.rand(1, 3, scale.height, scale.width)
     cpu = torch.device("cpu")
 
-    def iteration(model: Any, layout: torch.memory_format, bf16: bool) -> Callable[[], Any]:
+    def iteration(
+        model: Any, layout: torch.memory_format, bf16: bool, plain: bool = False
+    ) -> Callable[[], Any]:
         objective = core.Objective(model, scale, weights, strides(net), cpu)
 
         def step() -> tuple[float, torch.Tensor]:
             image = start.clone(memory_format=layout).requires_grad_(True)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            with (
+                torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16),
+                autograd_gram() if plain else contextlib.nullcontext(),
+            ):
                 loss, _ = objective(image)
             loss.backward()
             assert image.grad is not None
-            return float(loss), image.grad
+            return float(loss.detach()), image.grad
 
         return step
 
     variants = {
+        "float32 NCHW, autograd's Gram": iteration(net, torch.contiguous_format, False, True),
         "float32 NCHW": iteration(net, torch.contiguous_format, False),
         "float32 channels_last": iteration(fused, torch.channels_last, False),
     }
@@ -68,14 +95,14 @@ def measure(size: int, repeats: int, bf16: bool = False) -> dict[str, Any]:
     with threads(1):
         one_thread = timed_ms(variants["float32 channels_last"], repeats)
     rows["float32 channels_last, 1 thread"] = one_thread
-    reference_loss, reference_grad = variants["float32 NCHW"]()
+    reference_loss, reference_grad = variants[BASELINE]()
     for name, step in variants.items():
         loss, grad = step()
         rows[name]["loss_relative_error"] = abs(loss - reference_loss) / abs(reference_loss)
         rows[name]["gradient_relative_error"] = float(
             (grad - reference_grad).norm() / reference_grad.norm()
         )
-    baseline = rows["float32 NCHW"]["median"]
+    baseline = rows[BASELINE]["median"]
     for row in rows.values():
         row["speedup"] = baseline / row["median"]
     return {

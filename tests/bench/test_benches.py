@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from bench import iteration, large, peer
@@ -15,18 +16,34 @@ def test_iteration_compares_every_variant_with_float32() -> None:
     result = iteration.measure(size=48, repeats=1, bf16=True)
     rows = result["variants"]
     assert set(rows) == {
+        "float32 NCHW, autograd's Gram",
         "float32 NCHW",
         "float32 channels_last",
         "bfloat16 autocast, channels_last",
         "float32 channels_last, 1 thread",
     }
-    assert rows["float32 NCHW"]["speedup"] == 1.0
-    assert rows["float32 NCHW"]["gradient_relative_error"] == 0.0
+    assert rows["float32 NCHW, autograd's Gram"]["speedup"] == 1.0
+    assert rows["float32 NCHW, autograd's Gram"]["gradient_relative_error"] == 0.0
+    # The Gram's own backward is the same sum in another order: equal to rounding.
+    assert rows["float32 NCHW"]["gradient_relative_error"] < 1e-5
     # The same float32 math in another layout: equal to rounding.
     assert rows["float32 channels_last"]["loss_relative_error"] < 1e-5
     assert rows["float32 channels_last"]["gradient_relative_error"] < 1e-3
     assert 0 < rows["bfloat16 autocast, channels_last"]["loss_relative_error"] < 0.1
     assert "| float32 channels_last, 1 thread |" in iteration.report(result)
+
+
+def test_the_plain_baseline_uses_autograds_gram_and_puts_ours_back() -> None:
+    from services.reconstruction import objective
+
+    ours = objective.gram
+    features = torch.rand(1, 3, 4, 4, requires_grad=True)
+    with iteration.autograd_gram():
+        assert objective.gram is not ours
+        plain = objective.gram(features)
+        assert plain.grad_fn is not None and "Div" in type(plain.grad_fn).__name__
+    assert objective.gram is ours
+    torch.testing.assert_close(plain, ours(features))
 
 
 @pytest.mark.parametrize("tiled", [False, True])
