@@ -73,13 +73,14 @@ def build_reconstruction(
 ) -> Servicer:
     from export.models import load_feature_net  # PyTorch lives here and in export/ only
     from services.reconstruction.memory import MiB, Planner, device_budget
+    from services.reconstruction.precision import compiled, in_precision
     from services.reconstruction.servicer import reconstruction_servicer
     from services.reconstruction.tiles import Tiling
 
     if config.threads:
         torch.set_num_threads(config.threads)
     device = reconstruction_device(config.device)
-    net, manifest = load_feature_net(model_folder(config))
+    loaded, manifest = load_feature_net(model_folder(config))
     log.info("model %s on %s", manifest.model, device)
     if metrics is not None and device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
@@ -96,13 +97,16 @@ def build_reconstruction(
             ("device", "kind"),
             gpu_memory,
         )
-    net = net.to(device)
+    net: torch.nn.Module = loaded.to(device)
     if config.channels_last:  # the image follows the weights' layout through every layer
         net = net.to(memory_format=torch.channels_last)
+    net = in_precision(net, device, config.precision)
     budget = device_budget(device, config.memory_budget_mib)
     tiling = Tiling(config.tile_px, config.tile_margin_px)
-    planner = Planner(net, device, budget, tiling)
+    planner = Planner(net, device, budget, tiling)  # measures the network as it is, uncompiled
     log.info("memory budget %d MiB, %d px tiles beyond it", budget.total // MiB, config.tile_px)
+    log.info("network in %s, torch.compile %s", config.precision, config.compile)
+    net = compiled(net, device, config.compile)
     return reconstruction_servicer(net, manifest, device, metrics, planner)
 
 

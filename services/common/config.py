@@ -99,6 +99,12 @@ class ReconstructionConfig(ModelConfig):
     )
     tile_px: int = Field(512, ge=32, description="tile side when a canvas is over the budget")
     tile_margin_px: int = Field(64, ge=0, description="context around each tile")
+    precision: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="the network's autocast format; losses stay float32"
+    )
+    compile: Literal["off", "default", "reduce-overhead"] = Field(
+        "off", description="torch.compile the network; reduce-overhead replays CUDA graphs"
+    )
 
 
 class GatewayConfig(ServiceConfig):

@@ -115,9 +115,10 @@ def shape_probe(net: FeatureNet, device: torch.device) -> tuple[FeatureNet, torc
     """
     if not isinstance(net, torch.nn.Module):
         return net, device
-    twin = _TWINS.get(net)
+    module: torch.nn.Module = getattr(net, "_orig_mod", net)  # torch.compile's: uncompiled
+    twin = _TWINS.get(module)
     if twin is None:
-        twin = _TWINS[net] = copy.deepcopy(net).to("meta")
+        twin = _TWINS[module] = copy.deepcopy(module).to("meta")
     return twin, torch.device("meta")
 
 
