@@ -121,7 +121,9 @@ def one(side: int, tiled: bool, iterations: int = 3) -> dict[str, Any]:
     ):
         pass
     seconds = time.perf_counter() - started
-    footprint = Footprint.measure(net, [*STYLE_LAYERS, "relu4_2"], torch.device("cpu"))
+    footprint = Footprint.measure(
+        net, [*STYLE_LAYERS, "relu4_2"], torch.device("cpu"), STYLE_LAYERS, guided=tiled
+    )  # as the planner measures it: tiles use guided Gram matrices
     target_bytes = scale.features["relu4_2"].nbytes
     estimate = estimate_bytes(
         footprint, scale.width, scale.height, optimizer="adam",

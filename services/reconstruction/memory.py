@@ -20,7 +20,7 @@ import torch
 
 from services.common.errors import ResourceExhausted
 from services.reconstruction.core import Job
-from services.reconstruction.objective import FeatureNet
+from services.reconstruction.objective import FeatureNet, gram, guided_gram
 from services.reconstruction.tiles import Tiling
 
 MiB = 1024 * 1024
@@ -38,14 +38,28 @@ class Footprint:
     peak_per_pixel: float
 
     @classmethod
-    def measure(cls, net: FeatureNet, layers: Sequence[str], device: torch.device) -> Footprint:
-        small, large = (cls._saved(net, layers, device, side) for side in (64, 128))
+    def measure(
+        cls,
+        net: FeatureNet,
+        layers: Sequence[str],
+        device: torch.device,
+        grams: Sequence[str] = (),
+        guided: bool = False,
+    ) -> Footprint:
+        """`grams`: the style layers, whose Gram matrices may save tensors of their own (a
+        guided Gram, as tiles and regions use, keeps a masked copy of each layer)."""
+        small, large = (cls._saved(net, layers, device, side, grams, guided) for side in (64, 128))
         per_pixel = (large[0] - small[0]) / (128 * 128 - 64 * 64)
         return cls(small[0] - per_pixel * 64 * 64, per_pixel, large[1] / (128 * 128))
 
     @staticmethod
     def _saved(
-        net: FeatureNet, layers: Sequence[str], device: torch.device, side: int
+        net: FeatureNet,
+        layers: Sequence[str],
+        device: torch.device,
+        side: int,
+        grams: Sequence[str],
+        guided: bool,
     ) -> tuple[int, int]:
         """(bytes of the distinct storages autograd saves, the largest of them)."""
         storages: dict[int, int] = {}
@@ -60,7 +74,14 @@ class Footprint:
 
         image = torch.zeros(1, 3, side, side, device=device, requires_grad=True)
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-            net(image, list(layers))
+            taps = net(image, list(layers))
+            kept = [  # alive until counted: a freed storage's address is reused
+                guided_gram(taps[name], torch.ones(taps[name].shape[-2:], device=device))
+                if guided
+                else gram(taps[name])
+                for name in grams
+            ]
+        del kept
         return sum(storages.values()), max(activations.values(), default=0)
 
 
@@ -155,26 +176,30 @@ class Planner:
         tiling: Tiling = DEFAULT_TILING,
     ) -> None:
         self.net, self.device, self.budget, self.tiling = net, device, budget, tiling
-        self._footprints: dict[tuple[str, ...], Footprint] = {}
+        self._footprints: dict[tuple[tuple[str, ...], tuple[str, ...], bool], Footprint] = {}
         self._lock = threading.Lock()
 
-    def footprint(self, layers: Sequence[str]) -> Footprint:
-        key = tuple(sorted(layers))
+    def footprint(self, layers: Sequence[str], grams: Sequence[str], guided: bool) -> Footprint:
+        key = (tuple(sorted(layers)), tuple(sorted(grams)), guided)
         with self._lock:
             if key not in self._footprints:
-                self._footprints[key] = Footprint.measure(self.net, key, self.device)
+                self._footprints[key] = Footprint.measure(
+                    self.net, key[0], self.device, key[1], guided
+                )
             return self._footprints[key]
 
     def plan(self, job: Job) -> tuple[Job, Reservation]:
         """The job (tiled if it must be) and its memory, held until the reservation closes."""
         final = job.scales[-1]
-        layers = {n for c in final.channels for n in c.grams} | set(final.features)
-        footprint = self.footprint(sorted(layers))
+        grams = sorted({n for c in final.channels for n in c.grams})
+        layers = sorted({*grams, *final.features})
+        masked = any(c.mask is not None for c in final.channels)
         channels = 1 if job.colour is not None else 3
         targets = sum(f.nbytes for f in final.features.values())
         size = f"a {final.width}×{final.height} reconstruction"
 
         def need(tiling: Tiling | None) -> int:
+            footprint = self.footprint(layers, grams, guided=masked or tiling is not None)
             return estimate_bytes(
                 footprint, final.width, final.height, optimizer=job.optimizer,
                 channels=channels, tiling=tiling, target_bytes=targets,

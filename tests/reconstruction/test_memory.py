@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 from pathlib import Path
@@ -35,11 +36,23 @@ def test_the_footprint_is_linear_in_pixels_and_predicts_another_size(
     net: torch.nn.Module,
 ) -> None:
     footprint = Footprint.measure(net, LAYERS, CPU)
-    saved, largest = Footprint._saved(net, LAYERS, CPU, 96)
+    saved, largest = Footprint._saved(net, LAYERS, CPU, 96, (), False)
     assert footprint.fixed + footprint.per_pixel * 96 * 96 == pytest.approx(saved, rel=0.01)
     # relu1_1 is VGG's biggest activation: 64 float32 channels per pixel.
     assert footprint.peak_per_pixel == pytest.approx(64 * 4, rel=0.01)
     assert largest == 64 * 4 * 96 * 96
+
+
+def test_a_guided_gram_keeps_a_masked_copy_of_each_style_layer(net: torch.nn.Module) -> None:
+    style = ["relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1"]
+    plain, guided = (
+        Footprint.measure(net, [*style, "relu4_2"], CPU, style, guided) for guided in (False, True)
+    )
+    # float32 channels per pixel of the canvas: 64 at stride 1, 128 at 2, 256 at 4, 512 at 8, 16
+    masked = 4 * (64 + 128 / 4 + 256 / 16 + 512 / 64 + 512 / 256)
+    assert guided.per_pixel - plain.per_pixel == pytest.approx(masked, rel=0.05)
+    as_is = Footprint.measure(net, [*style, "relu4_2"], CPU)
+    assert plain.per_pixel == pytest.approx(as_is.per_pixel, rel=1e-3)  # NCHW: Gram on views
 
 
 def test_the_estimate_counts_the_optimiser_and_tiles() -> None:
@@ -117,11 +130,14 @@ def test_over_the_budget_the_service_tiles_and_then_refuses(
     graph: Graph, vgg19_dir: Path, net: torch.nn.Module, caplog: pytest.LogCaptureFixture
 ) -> None:
     layers = graph.extractor.manifest.default_style_layers
-    footprint = Footprint.measure(net, [*layers, "relu4_2"], CPU)
+    served = copy.deepcopy(net).to(memory_format=torch.channels_last)  # as the service has it
     whole, tiled = (
-        estimate_bytes(footprint, 128, 85, optimizer="lbfgs", tiling=tiling) / MiB
+        estimate_bytes(
+            Footprint.measure(served, [*layers, "relu4_2"], CPU, layers, tiling is not None),
+            128, 85, optimizer="lbfgs", tiling=tiling,
+        ) / MiB
         for tiling in (None, Tiling(32, 16))
-    )
+    )  # fmt: skip
     assert tiled < whole - 5
     with caplog.at_level(logging.INFO, logger="services.reconstruction.servicer"):
         result = blend_with_budget(graph, vgg19_dir.parent, int((whole + tiled) / 2))
