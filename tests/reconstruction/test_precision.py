@@ -91,8 +91,9 @@ def test_the_compiled_network_agrees_with_eager_at_two_sizes(net: torch.nn.Modul
         (ours_grad,) = torch.autograd.grad(ours["relu4_2"].sum(), pixels)
         eager = net(pixels, LAYERS)
         (eager_grad,) = torch.autograd.grad(eager["relu4_2"].sum(), pixels)
-        torch.testing.assert_close(ours["relu4_2"], eager["relu4_2"], rtol=1e-4, atol=1e-4)
-        torch.testing.assert_close(ours_grad, eager_grad, rtol=1e-3, atol=1e-3)
+        # Inductor orders the sums differently: equal as a whole, to float32's rounding.
+        for given, expected in ((ours["relu4_2"], eager["relu4_2"]), (ours_grad, eager_grad)):
+            assert float((given - expected).norm() / expected.norm()) < 1e-4
 
 
 @pytest.mark.gpu
