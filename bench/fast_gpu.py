@@ -103,15 +103,12 @@ def main() -> int:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     net, _, _ = load(args.model)
-    report = {
-        "gpu": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "sizes": {side: measure(net, side) for side in (512, 1024)},
-    }
+    sizes = {side: measure(net, side) for side in (512, 1024)}
+    report = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "sizes": sizes}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "fast_gpu.json").write_text(json.dumps(report, indent=2))
     print(f"{report['gpu']}, torch {report['torch']}")
-    for side, rows in report["sizes"].items():
+    for side, rows in sizes.items():
         for mode, row in rows.items():
             print(f"{side:5d} px  {mode:22s} {row['ms']:8.3f} ms {row['fps']:8.0f} fps  "
                   f"rel. error {row['error']:.1e}")  # fmt: skip
