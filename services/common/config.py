@@ -15,6 +15,10 @@ MiB = 1024 * 1024
 _METRICS = "Prometheus metrics over HTTP on this port; 0 picks a free one; unset: none"
 
 
+Precision = Literal["float32", "bfloat16", "float16"]  # the reconstruction network's format
+Compile = Literal["off", "default", "reduce-overhead"]  # torch.compile's mode, or off
+
+
 class ServiceConfig(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="STYLEBLEND_", frozen=True, extra="ignore")
 
@@ -99,10 +103,10 @@ class ReconstructionConfig(ModelConfig):
     )
     tile_px: int = Field(512, ge=32, description="tile side when a canvas is over the budget")
     tile_margin_px: int = Field(64, ge=0, description="context around each tile")
-    precision: Literal["float32", "bfloat16", "float16"] = Field(
+    precision: Precision = Field(
         "float32", description="the network's autocast format; losses stay float32"
     )
-    compile: Literal["off", "default", "reduce-overhead"] = Field(
+    compile: Compile = Field(
         "off", description="torch.compile the network; reduce-overhead replays CUDA graphs"
     )
 

@@ -70,7 +70,7 @@ class _Gram(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, flat: torch.Tensor, n: float) -> torch.Tensor:
+    def forward(ctx: Any, flat: torch.Tensor, n: float | torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(flat)
         ctx.n = n
         return (flat @ flat.T) / n
@@ -90,7 +90,7 @@ def gram(features: torch.Tensor) -> torch.Tensor:
 def guided_gram(features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Gₖ = (F⊙m)(F⊙m)ᵀ / Σm for a 1×C×H×W feature map and an H×W mask."""
     masked = (features * mask)[0].flatten(1)
-    return _Gram.apply(masked, float(mask.sum()))
+    return _Gram.apply(masked, mask.sum())  # a tensor: no device sync per evaluation
 
 
 def relative_error(value: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

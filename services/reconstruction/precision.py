@@ -7,16 +7,12 @@ sums H·W products, which bfloat16's 8-bit mantissa would round away.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
-from typing import Literal
 
 import torch
 
-log = logging.getLogger(__name__)
+from services.common.config import Compile, Precision
 
-Precision = Literal["float32", "bfloat16", "float16"]
-Compile = Literal["off", "default", "reduce-overhead"]
 DTYPES: dict[str, torch.dtype] = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
