@@ -73,7 +73,7 @@ def build_reconstruction(
 ) -> Servicer:
     from export.models import load_feature_net  # PyTorch lives here and in export/ only
     from services.reconstruction.memory import MiB, Planner, device_budget
-    from services.reconstruction.precision import compiled, in_precision
+    from services.reconstruction.precision import compiled
     from services.reconstruction.servicer import reconstruction_servicer
     from services.reconstruction.tiles import Tiling
 
@@ -97,10 +97,7 @@ def build_reconstruction(
             ("device", "kind"),
             gpu_memory,
         )
-    net: torch.nn.Module = loaded.to(device)
-    if config.channels_last:  # the image follows the weights' layout through every layer
-        net = net.to(memory_format=torch.channels_last)
-    net = in_precision(net, device, config.precision)
+    net = computing_as_configured(loaded.to(device), device, config)
     budget = device_budget(device, config.memory_budget_mib)
     tiling = Tiling(config.tile_px, config.tile_margin_px)
     planner = Planner(net, device, budget, tiling)  # measures the network as it is, uncompiled
@@ -108,6 +105,22 @@ def build_reconstruction(
     log.info("network in %s, torch.compile %s", config.precision, config.compile)
     net = compiled(net, device, config.compile)
     return reconstruction_servicer(net, manifest, device, metrics, planner)
+
+
+def computing_as_configured(
+    net: torch.nn.Module, device: torch.device, config: ReconstructionConfig
+) -> torch.nn.Module:
+    """The network with the convolutions, layout and number format config asks for (not yet
+    compiled: the memory planner measures it as it is)."""
+    from services.reconstruction.precision import in_precision
+    from services.reconstruction.winograd import convolution_for, with_winograd
+
+    convolution = convolution_for(config.convolution, device, config.precision, config.compile)
+    if convolution == "winograd":  # NNPACK reads NCHW, so channels_last would only add copies
+        log.info("3×3 convolutions by Winograd (NNPACK): %d layers", with_winograd(net))
+    elif config.channels_last:  # the image follows the weights' layout through every layer
+        net = net.to(memory_format=torch.channels_last)
+    return in_precision(net, device, config.precision)
 
 
 def build_gateway(

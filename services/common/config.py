@@ -17,6 +17,7 @@ _METRICS = "Prometheus metrics over HTTP on this port; 0 picks a free one; unset
 
 Precision = Literal["float32", "bfloat16", "float16"]  # the reconstruction network's format
 Compile = Literal["off", "default", "reduce-overhead"]  # torch.compile's mode, or off
+Convolution = Literal["auto", "winograd", "direct"]  # how the 3×3 convolutions are computed
 
 
 class ServiceConfig(BaseSettings):
@@ -108,6 +109,11 @@ class ReconstructionConfig(ModelConfig):
     )
     compile: Compile = Field(
         "off", description="torch.compile the network; reduce-overhead replays CUDA graphs"
+    )
+    convolution: Convolution = Field(
+        "auto",
+        description="winograd: NNPACK's F(6×6, 3×3), CPU and float32 only; direct: the runtime's "
+        "own (oneDNN, cuDNN); auto: winograd wherever it runs",
     )
 
 

@@ -22,6 +22,7 @@ from services.common.errors import ResourceExhausted
 from services.reconstruction.core import Job
 from services.reconstruction.objective import FeatureNet, gram, guided_gram
 from services.reconstruction.tiles import Tiling
+from services.reconstruction.winograd import workspace_of
 
 MiB = 1024 * 1024
 LBFGS_HISTORY = 50  # core.make_optimizer's history_size
@@ -31,11 +32,13 @@ DEFAULT_TILING = Tiling(tile=512, margin=64)
 @dataclass(frozen=True)
 class Footprint:
     """Autograd's bytes for one evaluation: `fixed` + `per_pixel` · pixels; `peak_per_pixel` is
-    the largest single activation, whose gradient the backward pass holds on top."""
+    the largest single activation, whose gradient the backward pass holds on top;
+    `workspace_per_pixel` the largest buffer a Winograd convolution works in."""
 
     fixed: float
     per_pixel: float
     peak_per_pixel: float
+    workspace_per_pixel: float = 0.0
 
     @classmethod
     def measure(
@@ -48,9 +51,13 @@ class Footprint:
     ) -> Footprint:
         """`grams`: the style layers, whose Gram matrices may save tensors of their own (a
         guided Gram, as tiles and regions use, keeps a masked copy of each layer)."""
-        small, large = (cls._saved(net, layers, device, side, grams, guided) for side in (64, 128))
+        small = cls._saved(net, layers, device, 64, grams, guided)
+        large, workspace = workspace_of(lambda: cls._saved(net, layers, device, 128, grams, guided))
         per_pixel = (large[0] - small[0]) / (128 * 128 - 64 * 64)
-        return cls(small[0] - per_pixel * 64 * 64, per_pixel, large[1] / (128 * 128))
+        return cls(
+            small[0] - per_pixel * 64 * 64, per_pixel, large[1] / (128 * 128),
+            workspace / (128 * 128),  # tiles round up at 128 px: a little over, never under
+        )  # fmt: skip
 
     @staticmethod
     def _saved(
@@ -101,7 +108,8 @@ def estimate_bytes(
     if tiling is not None and max(width, height) > tiling.tile:
         side = tiling.tile + 2 * tiling.margin
         evaluated = min(width, side) * min(height, side)
-    autograd = footprint.fixed + (footprint.per_pixel + footprint.peak_per_pixel) * evaluated
+    per_pixel = footprint.per_pixel + footprint.peak_per_pixel + footprint.workspace_per_pixel
+    autograd = footprint.fixed + per_pixel * evaluated
     image = 4 * channels * canvas  # one float32 image
     states = 2 * LBFGS_HISTORY + 3 if optimizer == "lbfgs" else 2  # (s, y) pairs, or Adam's m, v
     return int(autograd + image * (2 + states) + target_bytes)

@@ -15,7 +15,7 @@ from styleblend.v1 import styleblend_pb2_grpc
 
 from services.common.config import ReconstructionConfig
 from services.common.errors import ResourceExhausted
-from services.graph import build_reconstruction
+from services.graph import build_reconstruction, computing_as_configured
 from services.reconstruction.memory import Budget, Footprint, MiB, Planner, estimate_bytes
 from services.reconstruction.tiles import Tiling
 from tests.conftest import Graph, address, serve, start_gateway
@@ -130,7 +130,7 @@ def test_over_the_budget_the_service_tiles_and_then_refuses(
     graph: Graph, vgg19_dir: Path, net: torch.nn.Module, caplog: pytest.LogCaptureFixture
 ) -> None:
     layers = graph.extractor.manifest.default_style_layers
-    served = copy.deepcopy(net).to(memory_format=torch.channels_last)  # as the service has it
+    served = computing_as_configured(copy.deepcopy(net), CPU, ReconstructionConfig(device="cpu"))
     whole, tiled = (
         estimate_bytes(
             Footprint.measure(served, [*layers, "relu4_2"], CPU, layers, tiling is not None),

@@ -1,0 +1,155 @@
+"""VGG's 3×3 convolutions by Winograd's minimal filtering on the CPU (NNPACK's F(6×6, 3×3)).
+
+Winograd's transform computes a 6×6 block of a 3×3 convolution's output with 64
+multiplications per pair of channels where the direct method needs 324. On this project's
+2-core AVX2 machine NNPACK ran VGG19's layers 2.2–2.8× faster than oneDNN (docs/perf.md).
+PyTorch hands a convolution to NNPACK only for batches of 16 or more, and a reconstruction's
+batch is one image, so the layers here call it themselves.
+
+The image's gradient takes the same road: with stride 1 and padding 1, the gradient of a 3×3
+convolution with respect to its input is the convolution of the output's gradient with the
+filters turned 180° and their input and output channels swapped.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from services.common.config import Compile, Convolution, Precision
+
+# NNPACK's F(6×6, 3×3) works on 8×8 input tiles, each giving 6×6 outputs; it keeps every tile of
+# a layer transformed, for the input's channels and the output's, as 64 float32 numbers each.
+TILE_OUT = 6
+TRANSFORMED_TILE_BYTES = 8 * 8 * 4
+
+T = TypeVar("T")
+
+
+def nnpack_available() -> bool:
+    return torch.backends.nnpack.is_available()  # also initialises NNPACK, which it needs first
+
+
+class _Winograd(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+        turned: torch.Tensor,
+    ) -> torch.Tensor:  # fmt: skip
+        ctx.turned = turned  # a constant of the layer, not an activation to save
+        return torch._nnpack_spatial_convolution(x.contiguous(), weight, bias, [1, 1])
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
+        dx = torch._nnpack_spatial_convolution(grad.contiguous(), ctx.turned, None, [1, 1])
+        return dx, None, None, None
+
+
+class WinogradConv2d(nn.Module):
+    """A frozen 3×3, stride 1, padding 1 convolution, by Winograd on a CPU in float32.
+
+    Elsewhere (another device, the meta device of shape probes, autocast's lower precision, or
+    weights that learn) it is the plain convolution. Its state dict is the convolution's."""
+
+    def __init__(self, conv: nn.Conv2d) -> None:
+        super().__init__()
+        if not winograd_shaped(conv):
+            raise ValueError(f"{conv} is not a 3×3, stride 1, padding 1, ungrouped convolution")
+        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
+        self.weight, self.bias = conv.weight, conv.bias
+        turned = conv.weight.detach().transpose(0, 1).flip(2, 3).contiguous()
+        self.register_buffer("turned", turned, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._winograd_applies(x):
+            return F.conv2d(x, self.weight, self.bias, padding=1)
+        _ASKED.largest = max(_ASKED.largest, self.workspace_bytes(x.shape[-2], x.shape[-1]))
+        weight = self.weight.contiguous()
+        return _Winograd.apply(x, weight, self.bias, self.turned)
+
+    def _winograd_applies(self, x: torch.Tensor) -> bool:
+        return (
+            x.device.type == "cpu"
+            and x.dtype == torch.float32
+            and not torch.is_autocast_enabled("cpu")
+            and not self.weight.requires_grad
+        )
+
+    def workspace_bytes(self, height: int, width: int) -> int:
+        """NNPACK's transformed tiles at a height×width input: the same for the image's gradient,
+        whose convolution swaps the channel counts. PyTorch keeps the largest buffer a thread has
+        needed until the thread ends."""
+        tiles = math.ceil(height / TILE_OUT) * math.ceil(width / TILE_OUT)
+        return tiles * (self.in_channels + self.out_channels) * TRANSFORMED_TILE_BYTES
+
+    def extra_repr(self) -> str:
+        return f"{self.in_channels}, {self.out_channels}, kernel_size=(3, 3), Winograd F(6×6, 3×3)"
+
+
+def winograd_shaped(conv: nn.Module) -> bool:
+    return (
+        type(conv) is nn.Conv2d
+        and conv.kernel_size == (3, 3)
+        and conv.stride == (1, 1)
+        and conv.padding == (1, 1)
+        and conv.dilation == (1, 1)
+        and conv.groups == 1
+        and conv.padding_mode == "zeros"
+    )
+
+
+def with_winograd(net: nn.Module) -> int:
+    """Swap, in place, each frozen 3×3 convolution that fits for its Winograd form; the count."""
+    if not nnpack_available():
+        raise RuntimeError("this PyTorch build has no NNPACK, so no Winograd convolutions")
+    swaps = [
+        (parent, name, child)
+        for parent in net.modules()
+        for name, child in parent.named_children()
+        if winograd_shaped(child) and not any(p.requires_grad for p in child.parameters())
+    ]
+    for parent, name, child in swaps:
+        setattr(parent, name, WinogradConv2d(child))  # type: ignore[arg-type]
+    return len(swaps)
+
+
+class _Asked(threading.local):
+    """The largest NNPACK buffer this thread's Winograd layers have asked for, in bytes: per
+    thread, as PyTorch keeps NNPACK's buffer, and so exact while other sessions run."""
+
+    largest = 0
+
+
+_ASKED = _Asked()
+
+
+def workspace_of(run: Callable[[], T]) -> tuple[T, int]:
+    """`run`'s result, and the largest NNPACK buffer it asked for, in bytes."""
+    _ASKED.largest = 0
+    result = run()
+    return result, _ASKED.largest
+
+
+def convolution_for(
+    choice: Convolution, device: torch.device, precision: Precision, compile: Compile
+) -> str:
+    """ "winograd" or "direct": what `choice` means here. Winograd runs on NNPACK, which takes
+    float32 on a CPU; torch.compile and autocast bring kernels of their own."""
+    fits = device.type == "cpu" and precision == "float32" and compile == "off"
+    if choice == "auto":
+        return "winograd" if fits and nnpack_available() else "direct"
+    if choice == "winograd" and not fits:
+        raise ValueError(
+            "convolution winograd runs on NNPACK, in float32 on a CPU and without torch.compile; "
+            f"this service has device {device}, precision {precision}, compile {compile}. "
+            "Use convolution auto or direct"
+        )
+    if choice == "winograd" and not nnpack_available():
+        raise ValueError("convolution winograd needs NNPACK, which this PyTorch build lacks")
+    return choice
