@@ -1,0 +1,3 @@
+"""Benchmarks: reports, not tests."""
+
+import services  # noqa: F401  # before torch: OpenMP's wait policy (services/__init__.py)

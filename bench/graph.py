@@ -53,6 +53,7 @@ from styleblend.internal.v1 import blending_pb2, features_pb2, reconstruction_pb
 from styleblend.v1 import styleblend_pb2 as pb
 from styleblend.v1 import styleblend_pb2_grpc
 
+from export.models import load_feature_net
 from services.common import images
 from services.common.config import (
     BlendingConfig,
@@ -65,8 +66,9 @@ from services.features.core import FeatureExtractor
 from services.gateway.core import Gateway
 from services.gateway.servicer import style_blend_servicer
 from services.gateway.upstream import ReconstructCall, Upstreams
-from services.graph import build_blending, build_features, build_reconstruction
+from services.graph import build_blending, build_features, build_reconstruction, model_folder
 from services.reconstruction import core
+from services.reconstruction.winograd import with_winograd
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "clients" / "samples"
@@ -127,6 +129,24 @@ def timed_ms(run: Callable[[], object], repeats: int) -> dict[str, float]:
         run()
         times.append((time.perf_counter() - started) * 1000)
     return spread(times)
+
+
+def interleaved_ms(
+    runs: dict[str, Callable[[], object]], repeats: int
+) -> dict[str, dict[str, float]]:
+    """`timed_ms` of each run, taken in rounds of one run each, the order turning every round:
+    this machine's speed drifts over minutes, and a drift then falls on every run alike."""
+    for run in runs.values():
+        run()  # warm-up
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    names = list(runs)
+    for round_ in range(repeats):
+        shift = round_ % len(names)
+        for name in names[shift:] + names[:shift]:
+            started = time.perf_counter()
+            runs[name]()
+            times[name].append((time.perf_counter() - started) * 1000)
+    return {name: spread(samples) for name, samples in times.items()}
 
 
 def steady_gaps_ms(stamps: list[float]) -> list[float]:
@@ -252,13 +272,13 @@ class Graph:
         self.extractor: FeatureExtractor = features_servicer.servicer.extractor  # type: ignore[attr-defined]
         self.features = _serve(features_servicer)
         self.blending = _serve(build_blending(BlendingConfig()))
-        recon = build_reconstruction(
-            ReconstructionConfig(
-                model=settings.model, model_dir=models, device="cpu", threads=threads
-            )
+        recon_config = ReconstructionConfig(
+            model=settings.model, model_dir=models, device="cpu", threads=threads
         )
+        recon = build_reconstruction(recon_config)
         self.reconstruction = _serve(recon)
         self.net: core.FeatureNet = recon.servicer.net  # type: ignore[attr-defined]
+        self.plain_net = load_feature_net(model_folder(recon_config))[0]  # NCHW, direct
         self.strides: dict[str, int] = recon.servicer.strides  # type: ignore[attr-defined]
         config = GatewayConfig(
             gateway_port=0,
@@ -560,10 +580,12 @@ def extraction(
     def onnx() -> list[np.ndarray]:
         return list(session.run(layers, {manifest.input_name: batch}))
 
-    net = graph.net
+    net = graph.plain_net
     nchw = torch.from_numpy(batch)
-    channels_last_net = copy.deepcopy(net).to(memory_format=torch.channels_last)  # type: ignore[attr-defined]
+    channels_last_net = copy.deepcopy(net).to(memory_format=torch.channels_last)
     channels_last = nchw.contiguous(memory_format=torch.channels_last)
+    winograd_net = copy.deepcopy(net)
+    with_winograd(winograd_net)
 
     def eager(model: core.FeatureNet, x: torch.Tensor) -> dict[str, torch.Tensor]:
         with torch.inference_mode():
@@ -575,10 +597,11 @@ def extraction(
         "torch_channels_last_ms": timed_ms(
             lambda: eager(channels_last_net, channels_last), repeats
         ),
+        "torch_winograd_ms": timed_ms(lambda: eager(winograd_net, nchw), repeats),
     }
     reference = dict(zip(layers, onnx(), strict=True))
     agreement = 0.0
-    for model, x in ((net, nchw), (channels_last_net, channels_last)):
+    for model, x in ((net, nchw), (channels_last_net, channels_last), (winograd_net, nchw)):
         for name, value in eager(model, x).items():
             ours = value.contiguous().numpy()
             scale = float(np.abs(reference[name]).max()) or 1.0
@@ -589,6 +612,8 @@ def extraction(
         "torch_nchw_over_onnxruntime": rows["torch_nchw_ms"]["median"]
         / rows["onnxruntime_cpu_ms"]["median"],
         "torch_channels_last_over_onnxruntime": rows["torch_channels_last_ms"]["median"]
+        / rows["onnxruntime_cpu_ms"]["median"],
+        "torch_winograd_over_onnxruntime": rows["torch_winograd_ms"]["median"]
         / rows["onnxruntime_cpu_ms"]["median"],
         "max_relative_difference": agreement,
     }
@@ -788,16 +813,18 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         "## Feature extraction (style and content layers, one forward)",
         "",
-        "| size | ONNX Runtime CPU | PyTorch NCHW | PyTorch channels_last | "
-        "NCHW / ORT | channels_last / ORT | max rel. difference |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| size | ONNX Runtime CPU | PyTorch NCHW | PyTorch channels_last | PyTorch Winograd | "
+        "NCHW / ORT | channels_last / ORT | Winograd / ORT | max rel. difference |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for size, row in rows.items():
         f = row["features"]
         lines.append(
             f"| {size} px | {_ms(f['onnxruntime_cpu_ms'])} | {_ms(f['torch_nchw_ms'])} | "
-            f"{_ms(f['torch_channels_last_ms'])} | {f['torch_nchw_over_onnxruntime']:.2f} | "
+            f"{_ms(f['torch_channels_last_ms'])} | {_ms(f['torch_winograd_ms'])} | "
+            f"{f['torch_nchw_over_onnxruntime']:.2f} | "
             f"{f['torch_channels_last_over_onnxruntime']:.2f} | "
+            f"{f['torch_winograd_over_onnxruntime']:.2f} | "
             f"{f['max_relative_difference']:.1e} |"
         )
     lines += [

@@ -5,9 +5,10 @@
 An iteration is the objective's forward and backward to the image (five style layers and
 relu4_2), as `services.reconstruction.core` runs it. Variants: plain float32 NCHW with the
 Gram matrix as autograd differentiates it (the baseline), the project's Gram backward,
-channels_last, bfloat16 autocast (on a CPU without native bf16 it is emulated, and its loss and
+channels_last, the 3×3 convolutions by Winograd (NNPACK, as the service runs them on a CPU),
+bfloat16 autocast (on a CPU without native bf16 it is emulated, and its loss and
 gradient are compared with float32; `--bf16`, as it is slow here), and one thread against all.
-Medians after a warm-up.
+Medians after a warm-up, the variants taking turns so that the machine's drift falls on all.
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ from typing import Any
 
 import torch
 
-from bench.graph import ROOT, timed_ms, write_report
+from bench.graph import ROOT, interleaved_ms, timed_ms, write_report
 from bench.large import STYLE_LAYERS, feature_net, strides, targets
 from services.reconstruction import core, objective
+from services.reconstruction.winograd import with_winograd
 
 
 @contextlib.contextmanager
@@ -39,6 +41,7 @@ def threads(count: int) -> Iterator[None]:
 
 # Plain PyTorch: autograd differentiates F Fᵀ as two products and a sum.
 BASELINE = "float32 NCHW, autograd's Gram"
+WINOGRAD = "float32 NCHW, Winograd (NNPACK)"  # what the service runs on a CPU
 
 
 @contextlib.contextmanager
@@ -62,7 +65,9 @@ def measure(size: int, repeats: int, bf16: bool = False) -> dict[str, Any]:
     net = feature_net()
     scale = targets(net, size, 1)
     weights = core.LossWeights(1.0, 10.0, 1.0)
-    fused = copy.deepcopy(net).to(memory_format=torch.channels_last)  # type: ignore[attr-defined]
+    fused = copy.deepcopy(net).to(memory_format=torch.channels_last)
+    winograd = copy.deepcopy(net)
+    with_winograd(winograd)
     start = torch.rand(1, 3, scale.height, scale.width)
     cpu = torch.device("cpu")
 
@@ -88,10 +93,11 @@ def measure(size: int, repeats: int, bf16: bool = False) -> dict[str, Any]:
         "float32 NCHW, autograd's Gram": iteration(net, torch.contiguous_format, False, True),
         "float32 NCHW": iteration(net, torch.contiguous_format, False),
         "float32 channels_last": iteration(fused, torch.channels_last, False),
+        WINOGRAD: iteration(winograd, torch.contiguous_format, False),
     }
     if bf16:  # emulated where the CPU lacks bf16 instructions: minutes per step at 512 px
         variants["bfloat16 autocast, channels_last"] = iteration(fused, torch.channels_last, True)
-    rows: dict[str, Any] = {name: timed_ms(step, repeats) for name, step in variants.items()}
+    rows: dict[str, Any] = interleaved_ms(variants, repeats)
     with threads(1):
         one_thread = timed_ms(variants["float32 channels_last"], repeats)
     rows["float32 channels_last, 1 thread"] = one_thread

@@ -6,7 +6,8 @@
 
 Each measurement runs in a fresh process (peak RSS only grows), so one size cannot inherit
 another's high-water mark: the targets come from another process (as they come from the
-features service), then the baseline, then a few Adam iterations of the reconstruction core;
+features service), then the baseline, then a few Adam iterations of the reconstruction core
+with the network as the service configures it (Winograd convolutions on a CPU);
 the figure is the peak above the baseline. The picture blends Starry Night
 onto the astronaut coarse to fine (256, 512, 1024, then the final size), tiling wherever the
 canvas is larger than a tile.
@@ -41,10 +42,19 @@ STYLE_LAYERS = ["relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1"]
 TILING = Tiling(tile=512, margin=64)
 
 
-def feature_net() -> core.FeatureNet:
+def feature_net() -> torch.nn.Module:
     from export.models import build_feature_net
 
     return build_feature_net("vgg19")[0]
+
+
+def served_net() -> torch.nn.Module:
+    """The network as the reconstruction service computes with it here (Winograd on a CPU)."""
+    from services.common.config import ReconstructionConfig
+    from services.graph import computing_as_configured
+
+    cpu = torch.device("cpu")
+    return computing_as_configured(feature_net(), cpu, ReconstructionConfig(device="cpu"))
 
 
 def strides(net: Any) -> dict[str, int]:
@@ -111,7 +121,7 @@ def one(side: int, tiled: bool, iterations: int = 3) -> dict[str, Any]:
         command = [sys.executable, "-m", "bench.large", "--save-targets", str(side), str(path)]
         subprocess.run(command, check=True, capture_output=True)
         scale = load_targets(path, iterations)
-    net = feature_net()
+    net = served_net()
     init = canvas(CONTENT, side)[0].permute(1, 2, 0).numpy()
     torch.set_flush_denormal(True)
     baseline = peak_mib()
@@ -143,7 +153,7 @@ def in_child(side: int, tiled: bool) -> dict[str, Any]:
 
 
 def picture(side: int, out: Path) -> dict[str, Any]:
-    net = feature_net()
+    net = served_net()
     torch.set_flush_denormal(True)
     plan = [(256, 100), (512, 30), (1024, 4), (side, 2)]
     scales = [targets(net, s, n) for s, n in plan if s <= side]

@@ -60,6 +60,7 @@ def test_a_quick_run_writes_a_sane_report(vgg19_dir: Path, tmp_path: Path) -> No
     features = row["features"]
     for key in ("onnxruntime_cpu_ms", "torch_nchw_ms", "torch_channels_last_ms"):
         assert finite_positive(features[key]), key
+    assert finite_positive(features["torch_winograd_ms"])
     assert features["max_relative_difference"] < 1e-3  # one network, two runtimes
 
     sizes = row["bytes"]
