@@ -278,7 +278,7 @@ class Graph:
         recon = build_reconstruction(recon_config)
         self.reconstruction = _serve(recon)
         self.net: core.FeatureNet = recon.servicer.net  # type: ignore[attr-defined]
-        self.plain_net = load_feature_net(model_folder(recon_config))[0]  # NCHW, direct
+        self.model_folder = model_folder(recon_config)
         self.strides: dict[str, int] = recon.servicer.strides  # type: ignore[attr-defined]
         config = GatewayConfig(
             gateway_port=0,
@@ -580,7 +580,7 @@ def extraction(
     def onnx() -> list[np.ndarray]:
         return list(session.run(layers, {manifest.input_name: batch}))
 
-    net = graph.plain_net
+    net = load_feature_net(graph.model_folder)[0]  # as exported: NCHW, direct convolutions
     nchw = torch.from_numpy(batch)
     channels_last_net = copy.deepcopy(net).to(memory_format=torch.channels_last)
     channels_last = nchw.contiguous(memory_format=torch.channels_last)
