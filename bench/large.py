@@ -1,7 +1,7 @@
 """Large canvases: peak memory against size, whole and tiled, the estimate beside it, and a
 2048 px picture made in tiles.
 
-    python -m bench.large --out out/bench [--sizes 256 512 1024] [--tiled 512 1024 2048]
+    python -m bench.large --out out/bench [--sizes 256 512 1024] [--tiled 1024 2048]
     python -m bench.large --out out/bench --picture 2048
 
 Each measurement runs in a fresh process (peak RSS only grows), so one size cannot inherit

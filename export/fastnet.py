@@ -71,8 +71,9 @@ class ConditionalInstanceNorm(nn.Module):
 class ConvNorm(nn.Module):
     """A convolution, conditional instance norm, and ReLU unless told otherwise.
 
-    Zero padding inside the convolution, not reflection padding: a separate Pad costs a quarter
-    of the CPU time at 512 px (docs/perf.md), and training learns the border.
+    Zero padding inside the convolution, not reflection padding: on ONNX Runtime's CPU provider
+    a separate Pad node, and the layout reorders around it, took a large share of the time
+    (ONNX Runtime's profile in docs/perf.md, issue 5), and training learns the border.
     """
 
     def __init__(self, c_in: int, c_out: int, kernel: int, styles: int, stride: int = 1) -> None:

@@ -359,7 +359,7 @@ MODELS: dict[str, ModelSpec] = {
 
 # ---------------------------------------------------------------------------------------------
 # LOSS DEFAULTS per model: α (content), β (style), γ (total variation). Each layer's loss is
-# relative to its target (services/reconstruction/core.py), so these are plain ratios. Chosen
+# relative to its target (services/reconstruction/objective.py), so these are plain ratios. Chosen
 # by eye on the astronaut with Starry Night at 256 px, 150 L-BFGS steps: clearly stylised,
 # the face and the shuttle still read (EfficientNet-Lite0 needs a stronger style term to show
 # strokes). torchvision's VGG19 shares vgg19's, untried here: no such file on these machines.
