@@ -68,7 +68,7 @@ def measure(size: int, repeats: int, bf16: bool = False) -> dict[str, Any]:
     fused = copy.deepcopy(net).to(memory_format=torch.channels_last)
     winograd = copy.deepcopy(net)
     with_winograd(winograd)
-    start = torch.rand(1, 3, scale.height, scale.width)
+    start = torch.rand(1, 3, scale.height, scale.width, generator=torch.Generator().manual_seed(0))
     cpu = torch.device("cpu")
 
     def iteration(

@@ -1,9 +1,8 @@
 """VGG's 3×3 convolutions by Winograd's minimal filtering on the CPU (NNPACK's F(6×6, 3×3)).
 
 Winograd's transform computes a 6×6 block of a 3×3 convolution's output with 64
-multiplications per pair of channels where the direct method needs 324. On this project's
-2-core AVX2 machine NNPACK ran the forward convolutions of a 512 px canvas 2.0× faster than
-oneDNN, 1.8–2.5× on the larger layers (docs/perf.md).
+multiplications per pair of channels where the direct method needs 324 (docs/perf.md has
+what that gave per layer and per iteration).
 PyTorch hands a convolution to NNPACK only for batches of 16 or more, and a reconstruction's
 batch is one image, so the layers here call it themselves.
 

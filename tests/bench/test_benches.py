@@ -29,11 +29,17 @@ def test_iteration_compares_every_variant_with_float32() -> None:
     assert rows["float32 NCHW"]["gradient_relative_error"] < 1e-5
     # The same float32 math in another layout: equal to rounding.
     assert rows["float32 channels_last"]["loss_relative_error"] < 1e-5
-    assert rows["float32 channels_last"]["gradient_relative_error"] < 1e-3
-    # Another algorithm, float32 throughout: the same loss and gradient up to its rounding.
-    assert 0 < rows["float32 NCHW, Winograd (NNPACK)"]["gradient_relative_error"] < 2e-3
+    # Another algorithm, float32 throughout: the same loss up to its rounding.
     assert rows["float32 NCHW, Winograd (NNPACK)"]["loss_relative_error"] < 1e-5
     assert 0 < rows["bfloat16 autocast, channels_last"]["loss_relative_error"] < 0.1
+    # Their gradients too, but where rounding moves a ReLU's input across 0 (the bench's image
+    # is random) the gradient takes another route, a jump no float32 bound holds
+    # (tests/reconstruction/test_winograd.py checks it on fixed routes). bfloat16 rounds 2¹⁶
+    # times coarser and so flips thousands of times more ReLUs: each float32 layout or algorithm
+    # stays nearer to float32 than it.
+    bf16 = rows["bfloat16 autocast, channels_last"]["gradient_relative_error"]
+    assert 0 < rows["float32 NCHW, Winograd (NNPACK)"]["gradient_relative_error"] < bf16
+    assert rows["float32 channels_last"]["gradient_relative_error"] < bf16
     assert "| float32 channels_last, 1 thread |" in iteration.report(result)
 
 

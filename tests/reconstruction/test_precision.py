@@ -3,6 +3,8 @@ a CPU in words."""
 
 from __future__ import annotations
 
+import copy
+import math
 from pathlib import Path
 
 import pydantic
@@ -12,6 +14,7 @@ import torch
 from services.common.config import ReconstructionConfig
 from services.reconstruction import core
 from services.reconstruction.precision import Autocast, compiled, in_precision
+from tests.reconstruction.rounding import UNIT_ROUNDOFF, errors_against_float64
 
 CPU = torch.device("cpu")
 LAYERS = ["relu1_1", "relu3_1", "relu4_2"]
@@ -87,15 +90,23 @@ def test_config_names_the_allowed_values(monkeypatch: pytest.MonkeyPatch) -> Non
 @pytest.mark.slow
 def test_the_compiled_network_agrees_with_eager_at_two_sizes(net: torch.nn.Module) -> None:
     fast = compiled(net, CPU, "default")
+    reference = copy.deepcopy(net).double()
     for height, width in ((40, 48), (56, 64)):
-        pixels = torch.rand(1, 3, height, width, requires_grad=True)
-        ours = fast(pixels, LAYERS)
-        (ours_grad,) = torch.autograd.grad(ours["relu4_2"].sum(), pixels)
-        eager = net(pixels, LAYERS)
-        (eager_grad,) = torch.autograd.grad(eager["relu4_2"].sum(), pixels)
-        # Inductor orders the sums differently: equal as a whole, to float32's rounding.
-        for given, expected in ((ours["relu4_2"], eager["relu4_2"]), (ours_grad, eager_grad)):
-            assert float((given - expected).norm() / expected.norm()) < 1e-4
+        pixels = torch.rand(1, 3, height, width, generator=torch.Generator().manual_seed(height))
+        eager, ours = (
+            errors_against_float64(model, reference, pixels, ["relu4_2"], deepest)
+            for model in (net, fast)
+        )
+        # Inductor orders the sums differently. A sum of n terms rounds by about √n u in any
+        # order and by n u at worst, so another order stays within √n times the eager one's
+        # error against float64; n = 9 × 512 at VGG's widest convolutions. On the routes each
+        # took (tests/reconstruction/rounding.py).
+        for given, expected in zip((*ours[0], ours[1]), (*eager[0], eager[1]), strict=True):
+            assert given < math.sqrt(9 * 512) * max(expected, UNIT_ROUNDOFF)
+
+
+def deepest(taps: dict[str, torch.Tensor]) -> torch.Tensor:
+    return taps["relu4_2"].sum()
 
 
 @pytest.mark.gpu
