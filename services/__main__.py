@@ -6,7 +6,8 @@ import argparse
 
 from services.common import logs
 from services.common.config import GatewayConfig, ServiceConfig
-from services.common.server import serve_until_terminated
+from services.common.errors import StyleBlendError
+from services.common.server import PortInUse, serve_until_terminated
 from services.graph import SERVICES, serve_one, start_studio
 
 
@@ -16,8 +17,15 @@ def main() -> None:
     args = parser.parse_args()
     config = ServiceConfig()
     logs.configure(args.service, config.log_level, config.log_format)
-    running = serve_one(args.service)
-    studio = start_studio(GatewayConfig(), running.port) if args.service == "gateway" else None
+    try:
+        running = serve_one(args.service)
+    except (PortInUse, StyleBlendError) as error:  # a person's mistake: say it, no traceback
+        raise SystemExit(f"error: {error}") from None
+    try:
+        studio = start_studio(GatewayConfig(), running.port) if args.service == "gateway" else None
+    except PortInUse as error:
+        running.stop(0)
+        raise SystemExit(f"error: {error}") from None
     try:
         serve_until_terminated(running, config.grace_s)
     finally:

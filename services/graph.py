@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import logging
+import secrets
 from pathlib import Path
 
 import torch
+from pydantic import SecretStr
 
 from services.blending.servicer import blending_servicer
 from services.common.config import (
@@ -19,12 +22,13 @@ from services.common.config import (
 from services.common.errors import FailedPrecondition
 from services.common.manifest import MANIFEST_FILE
 from services.common.metrics import ServiceMetrics
-from services.common.server import RunningServer, Servicer, Tls, start_server
+from services.common.security import is_loopback
+from services.common.server import PortInUse, RunningServer, Servicer, Tls, start_server
 from services.features.core import FeatureExtractor, TensorRTSettings
 from services.features.fast import FastModels
 from services.features.servicer import features_servicer
 from services.gateway.core import Gateway
-from services.gateway.servicer import style_blend_servicer
+from services.gateway.servicer import server_threads, style_blend_servicer
 from services.gateway.upstream import Upstreams, upstream_credentials
 from services.gateway.web import WebServer, loopback_address, start_web
 
@@ -53,8 +57,18 @@ def build_features(config: FeaturesConfig, metrics: ServiceMetrics | None = None
         config.cache_bytes,
         config.intra_op_threads,
         tensorrt,
+        max_side_px=config.max_extract_side_px,
+        max_pixels=config.max_extract_pixels,
+        cpu_arena=config.cpu_arena,
     )
-    fast = FastModels(config.fast_model_dir, config.providers, config.intra_op_threads, tensorrt)
+    fast = FastModels(
+        config.fast_model_dir,
+        config.providers,
+        config.intra_op_threads,
+        tensorrt,
+        max_side_px=config.max_extract_side_px,
+        max_pixels=config.max_extract_pixels,
+    )
     return features_servicer(extractor, fast, metrics)
 
 
@@ -123,12 +137,9 @@ def computing_as_configured(
     return in_precision(net, device, config.precision)
 
 
-def build_gateway(
-    config: GatewayConfig, metrics: ServiceMetrics | None = None, upstream_token: str | None = None
-) -> Servicer:
-    """`upstream_token`: for the one-process graph, whose internal services sit behind the
-    gateway's own token."""
-    return style_blend_servicer(Gateway(config, Upstreams(config, upstream_token)), metrics)
+def build_gateway(config: GatewayConfig, metrics: ServiceMetrics | None = None) -> Servicer:
+    """The public service; its calls to the others carry `config.internal_token`."""
+    return style_blend_servicer(Gateway(config, Upstreams(config)), metrics)
 
 
 def tls_of(config: ServiceConfig) -> Tls | None:
@@ -141,20 +152,51 @@ def token_of(config: GatewayConfig) -> str | None:
     return config.gateway_token.get_secret_value() if config.gateway_token else None
 
 
+def internal_credential(config: ServiceConfig, name: str) -> str | None:
+    """The secret an internal service asks its callers for (the gateway sends it).
+
+    With neither the secret nor mutual TLS it would answer anyone who reaches its port, with
+    none of the gateway's limits: on any interface but loopback it refuses to start; on
+    loopback it starts, with a warning, for a graph run by hand on one machine.
+    """
+    secret = config.internal_secret
+    if secret is not None or config.tls_client_ca_file is not None:
+        return secret
+    if not (is_loopback(config.host.strip("[]")) or config.host == "localhost"):
+        raise FailedPrecondition(
+            f"the {name} service would answer anyone who reaches {config.host}: set "
+            "STYLEBLEND_INTERNAL_TOKEN (the gateway needs the same one) or mutual TLS "
+            "(STYLEBLEND_TLS_CLIENT_CA_FILE), or listen on 127.0.0.1"
+        )
+    log.warning(
+        "the %s service answers any caller on this machine: set STYLEBLEND_INTERNAL_TOKEN "
+        "(the gateway needs the same one) so it answers only the gateway",
+        name,
+    )
+    return None
+
+
 def serve_one(name: str) -> RunningServer:
     """Start one service alone, configured from the environment."""
     config: ServiceConfig
     metrics = ServiceMetrics(name)
     if name == "features":
         config = FeaturesConfig()
+        secret = internal_credential(config, name)  # before the model loads
         servicer = build_features(config, metrics)
-        return _start(config, config.features_port, servicer, metrics, config.features_metrics_port)
+        return _start(
+            config, config.features_port, servicer, metrics, config.features_metrics_port, secret
+        )
     if name == "blending":
         config = BlendingConfig()
+        secret = internal_credential(config, name)
         servicer = build_blending(config)
-        return _start(config, config.blending_port, servicer, metrics, config.blending_metrics_port)
+        return _start(
+            config, config.blending_port, servicer, metrics, config.blending_metrics_port, secret
+        )
     if name == "reconstruction":
         config = ReconstructionConfig()
+        secret = internal_credential(config, name)
         servicer = build_reconstruction(config, metrics)
         return _start(
             config,
@@ -162,6 +204,7 @@ def serve_one(name: str) -> RunningServer:
             servicer,
             metrics,
             config.reconstruction_metrics_port,
+            secret,
         )
     if name == "gateway":
         config = GatewayConfig()
@@ -169,6 +212,7 @@ def serve_one(name: str) -> RunningServer:
             lambda _: [build_gateway(config, metrics)],
             address=config.address(config.gateway_port),
             max_message_bytes=config.max_request_bytes,
+            max_workers=server_threads(config),
             tls=tls_of(config),
             token=token_of(config),
             metrics=metrics,
@@ -183,12 +227,14 @@ def _start(
     servicer: Servicer,
     metrics: ServiceMetrics,
     metrics_port: int | None,
+    internal_token: str | None,
 ) -> RunningServer:
     return start_server(
         lambda _: [servicer],
         address=config.address(port),
         max_message_bytes=config.max_message_bytes,
         tls=tls_of(config),
+        internal_token=internal_token,
         metrics=metrics,
         metrics_port=metrics_port,
     )
@@ -197,45 +243,69 @@ def _start(
 def start_studio(gateway: GatewayConfig, grpc_port: int) -> WebServer:
     """The browser studio, in the gateway's process, bridged to its gRPC port; over TLS with
     the upstream CA (and client certificate) when the gateway serves TLS."""
-    return start_web(
-        gateway.host,
-        gateway.http_port,
-        loopback_address(gateway.host, grpc_port),
-        max_message_bytes=max(gateway.max_request_bytes, gateway.max_message_bytes),
-        credentials=upstream_credentials(gateway) if tls_of(gateway) else None,
-    )
+    try:
+        return start_web(
+            gateway.host,
+            gateway.http_port,
+            loopback_address(gateway.host, grpc_port),
+            max_message_bytes=max(gateway.max_request_bytes, gateway.max_message_bytes),
+            credentials=upstream_credentials(gateway) if tls_of(gateway) else None,
+            origins=gateway.studio_origins,
+        )
+    except OSError as error:
+        if error.errno == errno.EADDRINUSE:
+            address = gateway.address(gateway.http_port)
+            raise PortInUse(address, gateway.http_port, "the studio's HTTP port") from None
+        raise
 
 
-def serve_all_in_one(gateway: GatewayConfig) -> RunningServer:
-    """All four servicers in one server on the gateway's port; the gateway calls itself."""
+def serve_all_in_one(
+    gateway: GatewayConfig,
+    inner: list[Servicer] | None = None,
+    metrics: ServiceMetrics | None = None,
+) -> RunningServer:
+    """All four servicers in one server on the gateway's port; the gateway calls itself.
+
+    `inner`: the features, blending and reconstruction servicers, when already built (else
+    they are, from the environment). The internal methods sit on the public port, so they
+    always ask for the internal secret, made here when the config has none; the public ones
+    ask for the gateway's token when there is one."""
     tls = tls_of(gateway)
     if tls is not None and gateway.upstream_ca_file is None:
         raise FailedPrecondition(
             "in one process the gateway calls its own TLS port: set STYLEBLEND_UPSTREAM_CA_FILE "
             "to the CA that signed STYLEBLEND_TLS_CERT_FILE"
         )
-    metrics = ServiceMetrics("all")
-    inner = [
-        build_features(FeaturesConfig(), metrics),
-        build_blending(BlendingConfig()),
-        build_reconstruction(ReconstructionConfig(), metrics),
-    ]
-    token = token_of(gateway)
+    metrics = metrics or ServiceMetrics("all")
+    if inner is None:
+        inner = [
+            build_features(FeaturesConfig(), metrics),
+            build_blending(BlendingConfig()),
+            build_reconstruction(ReconstructionConfig(), metrics),
+        ]
+    secret = gateway.internal_secret or secrets.token_urlsafe(32)
 
     def wire_to(port: int) -> list[Servicer]:
         own = loopback_address(gateway.host, port)
         wired = gateway.model_copy(
-            update={"features_address": own, "blending_address": own, "reconstruction_address": own}
+            update={
+                "features_address": own,
+                "blending_address": own,
+                "reconstruction_address": own,
+                "internal_token": SecretStr(secret),
+            }
         )
-        return [*inner, build_gateway(wired, metrics, upstream_token=token)]
+        return [*inner, build_gateway(wired, metrics)]
 
     return start_server(
         wire_to,
         address=gateway.address(gateway.gateway_port),
         # Internal messages (content maps) share this server, so the larger limit applies.
         max_message_bytes=max(gateway.max_message_bytes, gateway.max_request_bytes),
+        max_workers=server_threads(gateway, internal_services=True),
         tls=tls,
-        token=token,
+        token=token_of(gateway),
+        internal_token=secret,
         metrics=metrics,
         metrics_port=gateway.gateway_metrics_port,
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,9 @@ ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "clients" / "samples"
 MODELS = ROOT / "models"  # git ignores it; exports are reused between runs
 MiB = 1024 * 1024
+# The graph's own credential, new for each run, as `styleblend up` makes one for each start:
+# the test servers of internal services ask for it and the test gateways send it.
+INTERNAL_TOKEN = secrets.token_urlsafe(32)
 
 
 def sample(name: str) -> bytes:
@@ -56,12 +60,15 @@ FAST_STYLES = {  # name -> sample image; the identity first, as training makes i
 def write_fast_model(folder: Path, seed: int = 0) -> Path:
     """An untrained fast network with distinct (γ, β) per style, saved and exported the way
     training saves and exports one: real ONNX files, a real manifest, real style hashes."""
+    from itertools import combinations
+
+    import numpy as np
     import torch
 
-    from export.fastnet import FastStyleNet
+    from export.fastnet import FastStyleNet, one_hot
     from export.train_fast import CHECKPOINT_FILE, export_model
     from services.common.fastmodel import IDENTITY
-    from services.common.images import sha256
+    from services.common.images import sha256, to_canvas, to_uint8
 
     net = FastStyleNet(1 + len(FAST_STYLES), identity=True)
     generator = torch.Generator().manual_seed(seed)
@@ -69,6 +76,19 @@ def write_fast_model(folder: Path, seed: int = 0) -> Path:
         for parameter in net.parameters():
             if parameter.requires_grad:  # the identity's frozen zeros stay: it is exact
                 parameter.add_(0.3 * torch.randn(parameter.shape, generator=generator))
+    # Tests tell styles apart by their pixels, so make sure, once, that this untrained network
+    # styles: each style moves the cat far from the photo and from every other style, by many
+    # more levels than the 1 that uint8 rounding or another runtime's arithmetic can move one.
+    photo = to_canvas(sample("content/chelsea.jpg"), 96, 64)
+    with torch.no_grad():
+        styled = [
+            to_uint8(net(torch.from_numpy(photo).permute(2, 0, 1)[None], one_hot(style, net.styles))
+                     [0].permute(1, 2, 0).numpy()).astype(np.int16)
+            for style in range(net.styles)
+        ]  # fmt: skip
+    np.testing.assert_array_equal(styled[0], to_uint8(photo))  # the identity is the photo
+    gaps = [float(np.abs(a - b).mean()) for a, b in combinations(styled, 2)]
+    assert min(gaps) > 8, f"seed {seed}: styles and the photo differ by {gaps} uint8 levels"
     styles = [{"name": IDENTITY, "path": None, "sha256": ""}] + [
         {"name": name, "path": str(SAMPLES / path), "sha256": sha256(sample(path))}
         for name, path in FAST_STYLES.items()
@@ -90,13 +110,19 @@ def fast_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def serve(
-    servicer: Servicer, max_message_bytes: int = 64 * MiB, metrics: ServiceMetrics | None = None
+    servicer: Servicer,
+    max_message_bytes: int = 64 * MiB,
+    metrics: ServiceMetrics | None = None,
+    internal_token: str | None = INTERNAL_TOKEN,
 ) -> RunningServer:
+    """A server on a free loopback port; an internal servicer there answers only callers with
+    `internal_token` (a gateway's server hosts no internal method, so it changes nothing)."""
     return start_server(
         lambda _: [servicer],
         address="127.0.0.1:0",
         max_message_bytes=max_message_bytes,
         metrics=metrics,
+        internal_token=internal_token,
     )
 
 
@@ -114,6 +140,7 @@ class Graph:
     extractor: FeatureExtractor  # the features service's core, to count what it runs
     # By service name: to serve them again (e.g. over TLS), and what each server measures.
     servicers: dict[str, Servicer] = field(default_factory=dict)
+    internal_token: str = INTERNAL_TOKEN  # what the internal services ask the gateway for
 
     @property
     def address(self) -> str:
@@ -126,6 +153,11 @@ class Graph:
         return styleblend_pb2_grpc.StyleBlendStub(channel)
 
 
+def internal_metadata(graph: Graph) -> tuple[tuple[str, str], ...]:
+    """What the gateway sends the internal services: for a test that calls one directly."""
+    return (("authorization", f"Bearer {graph.internal_token}"),)
+
+
 def start_gateway(upstreams: dict[str, str], **limits: int) -> tuple[RunningServer, GatewayConfig]:
     config = GatewayConfig(
         gateway_port=0,
@@ -133,6 +165,7 @@ def start_gateway(upstreams: dict[str, str], **limits: int) -> tuple[RunningServ
         blending_address=upstreams["blending"],
         reconstruction_address=upstreams["reconstruction"],
         upstream_timeout_s=5.0,
+        internal_token=INTERNAL_TOKEN,
     ).model_copy(update=limits)
     metrics = ServiceMetrics("gateway")
     return serve(build_gateway(config, metrics), config.max_request_bytes, metrics), config

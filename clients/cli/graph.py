@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -18,8 +20,10 @@ START_TIMEOUT_S = 300.0  # loading PyTorch and the model can take a while on a c
 
 
 def _environment(args: argparse.Namespace) -> dict[str, str]:
-    """STYLEBLEND_* variables from the flags, over the ones already set."""
+    """STYLEBLEND_* variables from the flags, over the ones already set, and a new internal
+    secret: only this start's gateway may call this start's services."""
     env = dict(os.environ)
+    env["STYLEBLEND_INTERNAL_TOKEN"] = secrets.token_urlsafe(32)
     for name in DEFAULT_PORTS:
         port = getattr(args, f"{name}_port", None)
         if port is not None:
@@ -88,13 +92,47 @@ def up(args: argparse.Namespace) -> int:
     os.environ.update(env)  # the configs below and the child processes read the same variables
     from services.common import logs
     from services.common.config import ServiceConfig
+    from services.common.server import PortInUse
 
+    taken = _taken_port(env, args.single_process)
+    if taken is not None:  # before anything starts: a running graph is left as it is
+        print(f"error: {taken}", file=sys.stderr)
+        return 1
     config = ServiceConfig()
     logs.configure("styleblend-up", config.log_level, config.log_format)
     _ensure_exported()
     if args.single_process:
-        return _up_single_process()
+        try:
+            return _up_single_process()
+        except PortInUse as error:  # taken since it was checked
+            print(f"error: {error}", file=sys.stderr)
+            return 1
     return _up_processes(env)
+
+
+def _taken_port(env: Mapping[str, str], single_process: bool) -> str | None:
+    """What is wrong with the first port this graph needs that another server holds."""
+    from services.common.server import bind_error
+
+    host = env.get("STYLEBLEND_HOST", "127.0.0.1")
+    names = ["gateway"] if single_process else list(DEFAULT_PORTS)
+    wanted = {
+        name: (int(env.get(f"STYLEBLEND_{name.upper()}_PORT", DEFAULT_PORTS[name])), name)
+        for name in names
+    }
+    wanted["studio"] = (int(env.get("STYLEBLEND_HTTP_PORT", 8080)), "http")
+    for name, (port, flag) in wanted.items():
+        error = bind_error(host, port) if port else None
+        if error is None:
+            continue
+        if error.errno == errno.EADDRINUSE:
+            return (
+                f"port {port} on {host}, for the {name}, is in use: another server (another "
+                f"styleblend graph?) listens there; stop it, or give this graph another port "
+                f"(--{flag}-port)"
+            )
+        return f"cannot listen on port {port} on {host}, for the {name}: {error}"
+    return None
 
 
 def _ensure_exported() -> None:
@@ -149,7 +187,11 @@ def _up_single_process() -> int:
 
     gateway = GatewayConfig()
     running = serve_all_in_one(gateway)
-    studio = start_studio(gateway, running.port)
+    try:
+        studio = start_studio(gateway, running.port)
+    except BaseException:
+        running.stop(0)
+        raise
     addresses = {
         "gateway": f"{gateway.host}:{running.port} (all four services)",
         "studio": f"http://{gateway.host}:{studio.port}/",

@@ -13,6 +13,16 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 MiB = 1024 * 1024
 _METRICS = "Prometheus metrics over HTTP on this port; 0 picks a free one; unset: none"
+# The largest image the features service runs the model on, per side and in all; the gateway
+# refuses a plan that would ask for more (the same STYLEBLEND_* variables, read by both). 2048²
+# is the largest TensorRT profile's square; the side lets a long style image keep 32 px across.
+EXTRACT_SIDE_PX = 4096
+EXTRACT_PIXELS = 2048 * 2048
+_EXTRACT_SIDE = "longest side of an image the features service extracts, in pixels"
+_EXTRACT_PIXELS = "most pixels (width × height) of an image the features service extracts"
+# ONNX Runtime's CPU memory arena: keep (its default; RSS stays at the largest run's), shrink
+# (handed back after each run), off (plain malloc, and malloc_trim after each run).
+CpuArena = Literal["keep", "shrink", "off"]
 
 
 Precision = Literal["float32", "bfloat16", "float16"]  # the reconstruction network's format
@@ -34,6 +44,12 @@ class ServiceConfig(BaseSettings):
     tls_client_ca_file: Path | None = Field(
         None, description="CA that signs client certificates; set: mutual TLS is required"
     )
+    # The graph's own credential: the gateway sends it, the internal services ask for it.
+    internal_token: SecretStr | None = Field(
+        None,
+        description="secret the gateway sends and the internal services require; "
+        "`styleblend up` makes a new one each start",
+    )
 
     @model_validator(mode="after")
     def _tls_pair(self) -> ServiceConfig:
@@ -45,6 +61,10 @@ class ServiceConfig(BaseSettings):
 
     def address(self, port: int) -> str:
         return f"{self.host}:{port}"
+
+    @property
+    def internal_secret(self) -> str | None:
+        return self.internal_token.get_secret_value() if self.internal_token else None
 
 
 class ModelConfig(ServiceConfig):
@@ -66,6 +86,11 @@ class FeaturesConfig(ModelConfig):
         "CPUExecutionProvider",
     )
     cache_bytes: int = Field(512 * MiB, ge=0, description="memory budget of the feature cache")
+    max_extract_side_px: int = Field(EXTRACT_SIDE_PX, ge=32, description=_EXTRACT_SIDE)
+    max_extract_pixels: int = Field(EXTRACT_PIXELS, ge=32 * 32, description=_EXTRACT_PIXELS)
+    cpu_arena: CpuArena = Field(
+        "off", description="ONNX Runtime's CPU arena: keep, shrink or off (memory given back)"
+    )
     intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime threads; 0 = its default")
     fast_model_dir: Path = Field(
         Path("models/fast"), description="folder of trained feed-forward networks, one each"
@@ -141,13 +166,33 @@ class GatewayConfig(ServiceConfig):
     max_image_pixels: int = Field(40_000_000, gt=0)
     max_scales: int = Field(4, ge=1, description="most coarse-to-fine scales")
     upload_store_bytes: int = Field(256 * MiB, ge=0, description="memory for uploaded images")
+    upload_bytes_per_client: int | None = Field(
+        None, ge=0, description="the part of the upload store one client may fill; unset: ¼ of it"
+    )
+    max_extract_side_px: int = Field(EXTRACT_SIDE_PX, ge=32, description=_EXTRACT_SIDE)
+    max_extract_pixels: int = Field(EXTRACT_PIXELS, ge=32 * 32, description=_EXTRACT_PIXELS)
     max_sessions: int = Field(32, ge=1, description="Blend and Session calls running at once")
     max_sessions_per_client: int = Field(4, ge=1, description="the same, from one client")
+    session_start_timeout_s: float = Field(
+        30.0, gt=0, description="a Session that sends no `start` within this is ended"
+    )
+    # Comma-separated, e.g. "https://studio.example.org" for a proxy in front of the studio.
+    studio_origins: Annotated[tuple[str, ...], NoDecode] = Field(
+        (), description="web origins besides the studio's own that may use its API and socket"
+    )
     # Defaults for unset request fields.
     default_side_px: int = Field(256, ge=32)
     default_iterations: int = Field(150, ge=1)
     default_preview_every: int = Field(10, ge=1)
     default_learning_rate: float = Field(0.02, gt=0)
+
+    @field_validator("studio_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value: object) -> object:
+        if isinstance(value, str):
+            origins = (origin.strip().rstrip("/") for origin in value.split(","))
+            return tuple(origin for origin in origins if origin)
+        return value
 
     @model_validator(mode="after")
     def _upstream_pair(self) -> GatewayConfig:

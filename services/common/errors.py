@@ -16,6 +16,12 @@ class InvalidArgument(StyleBlendError):
     code = 3
 
 
+class DeadlineExceeded(StyleBlendError):
+    """Something the call was waiting for did not come in time, e.g. a session's `start`."""
+
+    code = 4
+
+
 class ResourceExhausted(StyleBlendError):
     """Input over a configured limit."""
 

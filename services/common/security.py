@@ -1,4 +1,5 @@
-"""Who may call: the gateway's bearer token, TLS credentials from files, sessions per client.
+"""Who may call: the gateway's bearer token, the graph's internal credential, TLS credentials
+from files, sessions per client.
 
 Nothing here reads a path a request names: every path comes from config.
 """
@@ -21,6 +22,8 @@ AUTHORIZATION = "authorization"  # gRPC metadata keys are lower case
 CLIENT_KEY = "x-styleblend-client"  # the studio's bridge names the browser it speaks for
 # Always open: probes and API discovery carry no token.
 OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+# Features, blending and reconstruction: only the gateway may call them.
+INTERNAL_PREFIXES = ("/styleblend.internal.",)
 
 
 def _read(path: Path | None) -> bytes | None:
@@ -50,12 +53,14 @@ def channel_credentials(
 
 
 def bearer_token(metadata: Any) -> str | None:
-    """The token of an `authorization: Bearer …` entry, if there is one."""
+    """The token of an `authorization: Bearer …` entry, if there is one. The scheme is
+    case-insensitive (RFC 7235); the token is everything after the one space that follows it,
+    taken as it is: a token with spaces around it is another token."""
     for key, value in metadata or ():
         if key == AUTHORIZATION and isinstance(value, str):
             scheme, _, token = value.partition(" ")
-            if scheme.lower() == "bearer" and token.strip():
-                return token.strip()
+            if scheme.lower() == "bearer" and token:
+                return token
     return None
 
 
@@ -65,13 +70,42 @@ def token_matches(given: str | None, expected: str) -> bool:
 
 
 class TokenInterceptor(grpc.ServerInterceptor):
-    """Refuses every call without the bearer token (UNAUTHENTICATED), except health and
-    reflection."""
+    """Refuses calls without the bearer token (UNAUTHENTICATED); health and reflection stay
+    open, and so do the methods under `skip` (another interceptor guards them).
 
-    def __init__(self, token: str) -> None:
+    The gateway's token guards the public API; `TokenInterceptor.internal` is the same check
+    with the graph's own credential, guarding the internal services' methods."""
+
+    def __init__(
+        self,
+        token: str,
+        *,
+        only: tuple[str, ...] = ("/",),
+        skip: tuple[str, ...] = (),
+        missing: str = "this gateway needs a token: send `authorization: Bearer TOKEN` "
+        "(styleblend --token, or STYLEBLEND_TOKEN)",
+        wrong: str = "the token is not valid for this gateway (it is compared exactly, "
+        "spaces included)",
+    ) -> None:
         if not token:
             raise ValueError("an empty token would let everyone in; leave it unset instead")
         self._token = token
+        self._only = only
+        self._skip = (*OPEN_PREFIXES, *skip)
+        self._missing = missing
+        self._wrong = wrong
+
+    @classmethod
+    def internal(cls, token: str) -> TokenInterceptor:
+        """Only the gateway may call the internal services: it sends the graph's credential."""
+        return cls(
+            token,
+            only=INTERNAL_PREFIXES,
+            missing="this service answers only the styleblend gateway: call the gateway "
+            "instead (the gateway sends the graph's credential, STYLEBLEND_INTERNAL_TOKEN)",
+            wrong="the internal credential is not this graph's: the gateway and the internal "
+            "services need the same STYLEBLEND_INTERNAL_TOKEN",
+        )
 
     def intercept_service(
         self,
@@ -79,42 +113,28 @@ class TokenInterceptor(grpc.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler | None:
         method = handler_call_details.method
-        if method.startswith(OPEN_PREFIXES):
+        if method.startswith(self._skip) or not method.startswith(self._only):
             return continuation(handler_call_details)
         given = bearer_token(handler_call_details.invocation_metadata)
         if token_matches(given, self._token):
             return continuation(handler_call_details)
-        handler = continuation(handler_call_details)
-        if handler is None:
-            return None
-        reason = (
-            "this gateway needs a token: send `authorization: Bearer TOKEN` "
-            "(styleblend --token, or STYLEBLEND_TOKEN)"
-            if given is None
-            else "the token is not valid for this gateway"
-        )
-        return refusing(handler, grpc.StatusCode.UNAUTHENTICATED, reason)
+        if continuation(handler_call_details) is None:
+            return None  # UNIMPLEMENTED, as without a token
+        reason = self._missing if given is None else self._wrong
+        return refusing(grpc.StatusCode.UNAUTHENTICATED, reason)
 
 
-def refusing(
-    handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str
-) -> grpc.RpcMethodHandler:
-    """A handler of the same kind as `handler` that aborts every call with `code`."""
+def refusing(code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
+    """A handler that aborts every call with `code` before reading its request.
 
-    def abort(request: Any, context: grpc.ServicerContext) -> Any:
+    A request-streaming handler whatever the method's kind: gRPC reads a unary request in
+    full before calling its handler, but calls a streaming one at once. The status ends the
+    call, so the caller's megabytes are never read, let alone parsed."""
+
+    def abort(requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
         context.abort(code, message)
 
-    codec = {
-        "request_deserializer": handler.request_deserializer,
-        "response_serializer": handler.response_serializer,
-    }
-    if handler.unary_unary:
-        return grpc.unary_unary_rpc_method_handler(abort, **codec)
-    if handler.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(abort, **codec)
-    if handler.stream_unary:
-        return grpc.stream_unary_rpc_method_handler(abort, **codec)
-    return grpc.stream_stream_rpc_method_handler(abort, **codec)
+    return grpc.stream_stream_rpc_method_handler(abort)
 
 
 def peer_host(peer: str) -> str:

@@ -3,8 +3,10 @@ TLS and a token when configured, and metrics and a log line for every call."""
 
 from __future__ import annotations
 
+import errno
 import logging
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -14,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -44,30 +47,88 @@ def _abort(context: grpc.ServicerContext, error: Exception, method: str) -> None
 Wrap = Callable[[Callable[..., Any], str], Callable[..., Any]]
 
 
+class UndecodableRequest(errors.InvalidArgument):
+    """Request bytes that do not parse as the method's message: the caller's fault."""
+
+
+def _parse(deserialize: Callable[[bytes], Any], raw: bytes) -> Any:
+    try:
+        return deserialize(raw)
+    except DecodeError:
+        kind = getattr(deserialize, "__self__", None)  # FromString is bound to its message class
+        descriptor = getattr(kind, "DESCRIPTOR", None)
+        name = descriptor.full_name if descriptor is not None else "message"
+        raise UndecodableRequest(
+            f"the request is not a valid {name}: its bytes do not parse; send it serialized "
+            "by protobuf, as the generated stubs do"
+        ) from None
+
+
+def _parsed_stream(
+    deserialize: Callable[[bytes], Any], raws: Iterator[bytes], context: grpc.ServicerContext
+) -> Iterator[Any]:
+    for raw in raws:
+        try:
+            yield _parse(deserialize, raw)
+        except UndecodableRequest as error:
+            # Set here too, for a servicer that reads the stream in a thread of its own: the
+            # call's status says why, whichever thread ends it.
+            context.set_code(grpc.StatusCode.INVALID_ARGUMENT)
+            context.set_details(str(error))
+            raise
+
+
+def _decoding(
+    behaviour: Callable[..., Any], deserialize: Callable[[bytes], Any], streamed: bool
+) -> Callable[..., Any]:
+    """`behaviour`, taking the request's raw bytes (a stream of them when `streamed`)."""
+    if streamed:
+        return lambda raws, context: behaviour(_parsed_stream(deserialize, raws, context), context)
+    return lambda raw, context: behaviour(_parse(deserialize, raw), context)
+
+
 def _wrapped(
-    handler: grpc.RpcMethodHandler, method: str, unary: Wrap, streaming: Wrap
+    handler: grpc.RpcMethodHandler,
+    method: str,
+    unary: Wrap,
+    streaming: Wrap,
+    *,
+    decode: bool = False,
 ) -> grpc.RpcMethodHandler:
     """The same handler with its behaviour wrapped: `unary` for one answer, `streaming` for a
-    stream of them."""
+    stream of them. With `decode` gRPC hands over the request's bytes and the behaviour parses
+    them, so bytes that do not parse are INVALID_ARGUMENT (gRPC's own deserializer would make
+    them INTERNAL), and a handler that refuses a call never parses it."""
+    deserialize = handler.request_deserializer
     codec = {
-        "request_deserializer": handler.request_deserializer,
+        "request_deserializer": None if decode and deserialize else deserialize,
         "response_serializer": handler.response_serializer,
     }
+
+    def prepared(behaviour: Callable[..., Any], streamed: bool) -> Callable[..., Any]:
+        if decode and deserialize is not None:
+            return _decoding(behaviour, deserialize, streamed)
+        return behaviour
+
     if handler.unary_unary:
-        return grpc.unary_unary_rpc_method_handler(unary(handler.unary_unary, method), **codec)
+        return grpc.unary_unary_rpc_method_handler(
+            unary(prepared(handler.unary_unary, False), method), **codec
+        )
     if handler.unary_stream:
         return grpc.unary_stream_rpc_method_handler(
-            streaming(handler.unary_stream, method), **codec
+            streaming(prepared(handler.unary_stream, False), method), **codec
         )
     if handler.stream_stream:
         return grpc.stream_stream_rpc_method_handler(
-            streaming(handler.stream_stream, method), **codec
+            streaming(prepared(handler.stream_stream, True), method), **codec
         )
     return handler  # client-streaming: none of our services has one
 
 
 class DomainErrorInterceptor(grpc.ServerInterceptor):
-    """Maps domain errors to status codes, and anything else to INTERNAL with a logged traceback."""
+    """Maps domain errors to status codes, and anything else to INTERNAL with a logged traceback.
+    The innermost interceptor: it also parses the request (see `_wrapped`), so the ones
+    around it see bytes, and a refused call is never parsed."""
 
     def intercept_service(
         self,
@@ -77,7 +138,7 @@ class DomainErrorInterceptor(grpc.ServerInterceptor):
         handler = continuation(handler_call_details)
         if handler is None:
             return None
-        return _wrapped(handler, handler_call_details.method, _unary, _streaming)
+        return _wrapped(handler, handler_call_details.method, _unary, _streaming, decode=True)
 
 
 def _unary(behaviour: Callable[..., Any], method: str) -> Callable[..., Any]:
@@ -219,6 +280,63 @@ class CountingExecutor(futures.ThreadPoolExecutor):
         return super().submit(counted)
 
 
+class PortInUse(OSError):
+    """Another server listens on the port. gRPC would share it (SO_REUSEPORT) and split the
+    calls between the two at random; styleblend refuses it instead."""
+
+    def __init__(self, address: str, port: int, what: str = "") -> None:
+        super().__init__(
+            f"{address}{f' ({what})' if what else ''} is in use: another server (another "
+            f"styleblend graph?) listens on port {port}; stop it, or choose another port"
+        )
+        self.address = address
+        self.port = port
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """`127.0.0.1:50051` → ("127.0.0.1", 50051), `[::1]:50051` → ("::1", 50051)."""
+    host, _, port = address.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def bind_error(host: str, port: int) -> OSError | None:
+    """Why a server cannot listen on host:port (tried with a socket, bound and closed at
+    once), or None when it can."""
+    try:
+        places = socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except socket.gaierror as error:
+        return error
+    for family, kind, proto, _, place in places:
+        with socket.socket(family, kind, proto) as probe:
+            # As gRPC and aiohttp do: a closed connection's TIME_WAIT does not hold the port,
+            # a listening socket does (unless both sides asked for SO_REUSEPORT).
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(place)
+            except OSError as error:
+                return error
+    return None
+
+
+def _listen(server: grpc.Server, address: str, tls: Tls | None) -> int:
+    try:
+        if tls is not None:
+            port = server.add_secure_port(address, tls.credentials())
+        else:
+            port = server.add_insecure_port(address)
+    except RuntimeError:  # gRPC says only "Failed to bind"; the port says why
+        port = 0
+    if port == 0:
+        host, wanted = split_address(address)
+        error = bind_error(host, wanted)
+        if error is not None and error.errno == errno.EADDRINUSE:
+            raise PortInUse(address, wanted)
+        raise OSError(f"cannot listen on {address}: {error or 'gRPC could not bind it'}")
+    return port
+
+
 @dataclass(frozen=True)
 class Tls:
     """Server TLS from files; with `client_ca`, clients must show a certificate it signed."""
@@ -271,21 +389,32 @@ def start_server(
     max_workers: int = 32,
     tls: Tls | None = None,
     token: str | None = None,
+    internal_token: str | None = None,
     metrics: ServiceMetrics | None = None,
     metrics_port: int | None = None,
 ) -> RunningServer:
-    """Start a server on `address` (port 0 picks a free one) and return it with its port.
+    """Start a server on `address` (port 0 picks a free one) and return it with its port; a
+    port another server listens on is PortInUse.
 
     `servicers` is called with the bound port, so a servicer can be wired to its own server.
-    With `tls` it speaks TLS only; with `token` every call but health and reflection needs it.
+    With `tls` it speaks TLS only. With `internal_token` the internal services' methods need
+    it (the graph's own credential, which the gateway sends); with `token` every other call
+    needs that one (the gateway's), and the internal methods too when there is no
+    `internal_token`. Health and reflection stay open.
     `metrics_port` (0: a free one) serves `metrics` over HTTP on the same interface.
     """
     logs.install()
     metrics = metrics or ServiceMetrics("unnamed")
     executor = CountingExecutor(max_workers)
     interceptors: list[grpc.ServerInterceptor] = [ObservingInterceptor(metrics)]
+    if internal_token is not None:
+        interceptors.append(security.TokenInterceptor.internal(internal_token))
     if token is not None:
-        interceptors.append(security.TokenInterceptor(token))
+        interceptors.append(
+            security.TokenInterceptor(
+                token, skip=security.INTERNAL_PREFIXES if internal_token is not None else ()
+            )
+        )
     interceptors.append(DomainErrorInterceptor())
     server = grpc.server(
         executor,
@@ -298,14 +427,12 @@ def start_server(
             # session running on the old connection finish.
             ("grpc.max_connection_age_ms", MAX_CONNECTION_AGE_S * 1000),
             ("grpc.max_connection_age_grace_ms", MAX_CONNECTION_AGE_GRACE_S * 1000),
+            # gRPC shares a port with any other server that also asked (its default): a second
+            # graph would bind beside the first and take half its calls.
+            ("grpc.so_reuseport", 0),
         ],
     )
-    if tls is not None:
-        port = server.add_secure_port(address, tls.credentials())
-    else:
-        port = server.add_insecure_port(address)
-    if port == 0:
-        raise OSError(f"cannot listen on {address}")
+    port = _listen(server, address, tls)
     metrics.gauge_from(
         "styleblend_grpc_queued_calls", "calls waiting for a server thread", lambda: executor.queued
     )

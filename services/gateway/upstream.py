@@ -34,6 +34,11 @@ def domain_error(error: grpc.RpcError, service: str, address: str) -> Exception:
     details = error.details() if isinstance(error, grpc.Call) else str(error)
     if code in _PASSED_ON:
         return _PASSED_ON[code](details or "")
+    if code == grpc.StatusCode.UNAUTHENTICATED:  # the graph's fault, not the caller's
+        return errors.FailedPrecondition(
+            f"the {service} service at {address} refused the gateway ({details}); give the "
+            "gateway the same STYLEBLEND_INTERNAL_TOKEN as the internal services"
+        )
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
         return errors.Unavailable(
             f"the {service} service at {address} is unavailable ({code.name}: {details}); "
@@ -80,12 +85,12 @@ def open_channel(
 class Upstreams:
     """Channels to features, blending and reconstruction, from the gateway's config.
 
-    `token`: sent on every call; only for the one-process graph, where the gateway's own
-    server (token and all) hosts the other three. `for_session` gives a view whose calls carry
-    a session id, so the other services' logs can say which session they worked for.
+    Every call carries the graph's internal credential (`internal_token`), when there is one:
+    the internal services answer only the gateway. `for_session` gives a view whose calls
+    carry a session id, so the other services' logs can say which session they worked for.
     """
 
-    def __init__(self, config: GatewayConfig, token: str | None = None) -> None:
+    def __init__(self, config: GatewayConfig) -> None:
         self.config = config
         options: list[tuple[str, object]] = [
             ("grpc.max_receive_message_length", config.max_message_bytes),
@@ -107,8 +112,9 @@ class Upstreams:
                 config.reconstruction_address,
             )
         ]
+        secret = config.internal_secret
         self.metadata: tuple[tuple[str, str], ...] = (
-            ((security.AUTHORIZATION, f"Bearer {token}"),) if token else ()
+            ((security.AUTHORIZATION, f"Bearer {secret}"),) if secret else ()
         )
         self.features = features_pb2_grpc.FeaturesServiceStub(self._channels[0])
         self.blending = blending_pb2_grpc.BlendingServiceStub(self._channels[1])

@@ -259,7 +259,7 @@ def follow(
                     control.updates.post(to_update(request.update))
                 except StyleBlendError:  # the gateway checks updates; this one slipped through
                     log.exception("update %d dropped", request.update.update_id)
-    except grpc.RpcError:
+    except (grpc.RpcError, InvalidArgument):  # gone, or sent bytes that do not parse
         control.cancel.set()
 
 

@@ -181,6 +181,29 @@ def test_gateway_token_comes_from_a_secret(target: str) -> None:
     assert not reference.get("optional", False), "a missing Secret must stop the pod"
 
 
+@pytest.mark.parametrize("target", OVERLAYS)
+def test_the_gateway_and_the_services_share_the_internal_secret(target: str) -> None:
+    """The internal services listen on every interface (STYLEBLEND_HOST=0.0.0.0), so they
+    refuse to start without a credential; the gateway sends the same one."""
+    deployments = of_kind(render(target), "Deployment")
+    references = []
+    for name in SERVICES:
+        container = main_container(deployments[name])
+        (secret,) = [
+            env for env in container.get("env", []) if env["name"] == "STYLEBLEND_INTERNAL_TOKEN"
+        ]
+        reference = secret["valueFrom"]["secretKeyRef"]
+        assert not reference.get("optional", False), f"{name}: a missing Secret must stop the pod"
+        references.append((reference["name"], reference["key"]))
+    assert len(set(references)) == 1, references
+    (public,) = [
+        env
+        for env in main_container(deployments["gateway"])["env"]
+        if env["name"] == "STYLEBLEND_GATEWAY_TOKEN"
+    ]
+    assert references[0][0] != public["valueFrom"]["secretKeyRef"]["name"], "not the public one"
+
+
 # --- load balancing ---------------------------------------------------------------------------
 
 

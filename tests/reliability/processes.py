@@ -7,6 +7,7 @@ address and the gateway's channel finds it again.
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -65,13 +66,20 @@ class ProcessGraph:
     settings: dict[str, str]
     ports: dict[str, int] = field(default_factory=lambda: {n: free_port() for n in SERVICES})
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    # The graph's own credential, as `styleblend up` hands its services one.
+    internal_token: str = field(default_factory=lambda: secrets.token_urlsafe(32))
 
     def address(self, name: str) -> str:
         return f"127.0.0.1:{self.ports[name]}"
 
     @property
     def env(self) -> dict[str, str]:
-        env = {**os.environ, "STYLEBLEND_HOST": "127.0.0.1", "STYLEBLEND_HTTP_PORT": "0"}
+        env = {
+            **os.environ,
+            "STYLEBLEND_HOST": "127.0.0.1",
+            "STYLEBLEND_HTTP_PORT": "0",
+            "STYLEBLEND_INTERNAL_TOKEN": self.internal_token,
+        }
         for name in SERVICES:
             env[f"STYLEBLEND_{name.upper()}_PORT"] = str(self.ports[name])
             if name != "gateway":

@@ -17,7 +17,7 @@ from styleblend.v1 import styleblend_pb2_grpc
 from services.common import wire
 from services.common.errors import ResourceExhausted
 from services.common.security import SessionSlots, client_identity, peer_host
-from tests.conftest import Graph, address, sample, start_gateway
+from tests.conftest import Graph, address, internal_metadata, sample, start_gateway
 
 CAT, STARRY = "content/chelsea.jpg", "style/starry_night.jpg"
 
@@ -188,6 +188,6 @@ def test_the_features_service_refuses_a_fast_model_it_does_not_serve(graph: Grap
         mix=wire.to_tensor(np.ones(4, np.float32)),
     )
     with pytest.raises(grpc.RpcError) as caught:
-        features.Stylise(request, timeout=30)
+        features.Stylise(request, metadata=internal_metadata(graph), timeout=30)
     assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "no fast model named '../../models/vgg19'" in str(caught.value.details())

@@ -34,15 +34,18 @@ class TlsGraph:
 @pytest.fixture(params=[False, True], ids=["tls", "mutual-tls"])
 def tls_graph(request: pytest.FixtureRequest, graph: Graph, pki: Pki) -> Iterator[TlsGraph]:
     """The graph's own servicers served again, every server TLS only; with mutual TLS every
-    server also asks its callers for a certificate signed by the CA."""
+    server also asks its callers for a certificate signed by the CA, and the internal ones
+    go without the internal secret (the certificate says who the caller is)."""
     mutual: bool = request.param
     tls = Tls(pki.server_cert, pki.server_key, pki.ca if mutual else None)
+    internal_token = None if mutual else graph.internal_token
     servers = {
         name: start_server(
             lambda _, s=graph.servicers[name]: [s],  # type: ignore[misc]
             address="127.0.0.1:0",
             max_message_bytes=64 * MiB,
             tls=tls,
+            internal_token=internal_token,
         )
         for name in INTERNAL
     }
@@ -55,6 +58,7 @@ def tls_graph(request: pytest.FixtureRequest, graph: Graph, pki: Pki) -> Iterato
         upstream_ca_file=pki.ca,
         upstream_cert_file=pki.client_cert if mutual else None,
         upstream_key_file=pki.client_key if mutual else None,
+        internal_token=internal_token,
     )
     servers["gateway"] = start_server(
         lambda _: [build_gateway(config)],

@@ -57,6 +57,7 @@ def guarded(graph: Graph) -> Iterator[Guarded]:
         blending_address=address(graph.blending),
         reconstruction_address=address(graph.reconstruction),
         gateway_token=TOKEN,
+        internal_token=graph.internal_token,
     )
     server = start_server(
         lambda _: [build_gateway(config)],
@@ -87,7 +88,10 @@ def tiny_blend() -> pb.BlendRequest:
 
 def test_bearer_token_parsing_and_comparison() -> None:
     assert bearer_token([("authorization", "Bearer abc")]) == "abc"
-    assert bearer_token([("authorization", "bearer  abc ")]) == "abc"
+    # The scheme is case-insensitive (RFC 7235); the token is taken as it is, spaces and all.
+    assert bearer_token([("authorization", "bearer abc")]) == "abc"
+    assert bearer_token([("authorization", "BEARER abc")]) == "abc"
+    assert bearer_token([("authorization", "bearer  abc ")]) == " abc "
     assert bearer_token([("authorization", "Basic abc")]) is None
     assert bearer_token([("authorization", "Bearer ")]) is None
     assert bearer_token(None) is None
@@ -101,8 +105,10 @@ def test_bearer_token_parsing_and_comparison() -> None:
         ((), "this gateway needs a token"),
         ((("authorization", "Bearer wrong"),), "the token is not valid"),
         ((("authorization", TOKEN),), "this gateway needs a token"),  # no scheme: no token
+        ((("authorization", f"Bearer  {TOKEN}"),), "the token is not valid"),  # padded
+        ((("authorization", f"Bearer {TOKEN} "),), "the token is not valid"),
     ],
-    ids=["missing", "wrong", "no-scheme"],
+    ids=["missing", "wrong", "no-scheme", "padded", "trailing-space"],
 )
 def test_calls_without_the_token_are_unauthenticated(
     guarded: Guarded, metadata: tuple[tuple[str, str], ...], message: str
@@ -115,6 +121,12 @@ def test_calls_without_the_token_are_unauthenticated(
     with pytest.raises(grpc.RpcError) as caught:  # a stream is refused before any work
         list(client.Blend(tiny_blend(), metadata=metadata, timeout=10))
     assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+@pytest.mark.parametrize("scheme", ["bearer", "BEARER"])
+def test_the_scheme_is_case_insensitive(guarded: Guarded, scheme: str) -> None:
+    metadata = (("authorization", f"{scheme} {TOKEN}"),)
+    assert stub(guarded.address).GetInfo(pb.GetInfoRequest(), metadata=metadata, timeout=30).model
 
 
 def test_the_right_token_opens_every_call(guarded: Guarded) -> None:
