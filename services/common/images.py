@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 import struct
 import zlib
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from services.common.errors import InvalidArgument, ResourceExhausted
 
@@ -22,6 +23,8 @@ Image.MAX_IMAGE_PIXELS = None
 DECODE_LIMIT_PIXELS = 100_000_000  # what any service decodes at most, whoever calls it
 _EXIF_ORIENTATION = 0x0112
 _TRANSPOSED = {5, 6, 7, 8}  # EXIF orientations that swap width and height
+WHITE, BLACK = 255, 0  # what transparent pixels are composited over: images, maps
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
 
 
 @dataclass(frozen=True)
@@ -61,7 +64,7 @@ def probe(data: bytes, what: str, max_pixels: int) -> ImageHeader:
     except (InvalidArgument, ResourceExhausted):
         raise
     except Exception as error:
-        raise InvalidArgument(f"{what}: not a readable image ({error})") from error
+        raise InvalidArgument(f"{what}: not a readable image ({_reason(error)})") from error
     return ImageHeader(fmt, width, height)
 
 
@@ -92,16 +95,65 @@ def fit_inside(width: int, height: int, side: int) -> tuple[int, int]:
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
-def decode(data: bytes, what: str = "image") -> Image.Image:
-    """Decode fully (a truncated file fails here), upright, as RGB."""
-    probe(data, what, DECODE_LIMIT_PIXELS)
+def decode(
+    data: bytes,
+    what: str = "image",
+    background: int = WHITE,
+    max_pixels: int = DECODE_LIMIT_PIXELS,
+) -> Image.Image:
+    """Decode fully (a truncated file fails here), upright, as 8-bit RGB (see `to_rgb`)."""
+    probe(data, what, max_pixels)
     try:
         with Image.open(io.BytesIO(data)) as image:
             image.load()
-            upright = ImageOps.exif_transpose(image)
-            return upright.convert("RGB")
+            return to_rgb(ImageOps.exif_transpose(image), background)
     except Exception as error:
-        raise InvalidArgument(f"{what}: cannot decode the image ({error})") from error
+        raise InvalidArgument(f"{what}: cannot decode the image ({_reason(error)})") from error
+
+
+def check_decodes(data: bytes, what: str, max_pixels: int) -> ImageHeader:
+    """The header, once every pixel has been decoded: what the services will decode later."""
+    header = probe(data, what, max_pixels)
+    decode(data, what, max_pixels=max_pixels)
+    return header
+
+
+def to_rgb(image: Image.Image, background: int = WHITE) -> Image.Image:
+    """Any mode Pillow opens as 8-bit RGB, each value scaled, not clipped, to 0…255.
+
+    Pillow's own convert("RGB") clips the wide modes at 255 (a 16-bit gradient comes out almost
+    white) and drops alpha (showing whatever colour hides under a transparent pixel). Here 16-bit
+    modes are scaled by 255/65535, "I" (how 16-bit samples arrive in a 32-bit container) the same
+    after clipping to 0…65535, "F" is taken as 0…1, and transparency (an alpha band, or a
+    palette's or a colour's `transparency`) is composited over `background`, a grey level.
+    """
+    mode = image.mode
+    if mode in _SIXTEEN_BIT or mode in ("I", "F"):
+        values = np.asarray(image)
+        if mode == "F":
+            unit = np.clip(np.nan_to_num(values, nan=0.0), 0.0, 1.0)
+            grey = (unit * 255.0 + 0.5).astype(np.uint8)
+        else:
+            wide = np.clip(values, 0, 65535).astype(np.uint32)
+            grey = ((wide * 255 + 32767) // 65535).astype(np.uint8)
+        return Image.fromarray(grey, "L").convert("RGB")
+    if mode == "La":  # premultiplied: Pillow converts it only to LA
+        image, mode = image.convert("LA"), "LA"
+    if "A" in mode or mode == "RGBa" or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        behind = Image.new("RGBA", rgba.size, (background, background, background, 255))
+        return Image.alpha_composite(behind, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def _reason(error: Exception) -> str:
+    """Pillow's message without the repr of our buffer (`<_io.BytesIO object at 0x…>`)."""
+    if isinstance(error, UnidentifiedImageError):
+        return f"not a {', '.join(FORMATS[:-1])} or {FORMATS[-1]} file"
+    return (
+        re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", str(error))
+        or type(error).__name__
+    )
 
 
 def to_canvas(data: bytes, width: int, height: int, what: str = "image") -> np.ndarray:
@@ -112,7 +164,7 @@ def to_canvas(data: bytes, width: int, height: int, what: str = "image") -> np.n
 
 def to_mask(data: bytes, width: int, height: int, what: str = "map") -> np.ndarray:
     """A greyscale influence map over the canvas, H×W float32 in [0, 1], fitted like a source."""
-    image = decode(data, what).convert("L")
+    image = decode(data, what, background=BLACK).convert("L")  # transparent: not painted
     fitted = ImageOps.fit(image, (width, height), Image.Resampling.BILINEAR)
     return np.asarray(fitted, dtype=np.float32) / 255.0
 

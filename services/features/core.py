@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 import threading
 from collections.abc import Callable, Sequence
@@ -15,13 +17,26 @@ import onnxruntime as ort
 from cachetools import LRUCache
 
 from services.common import colour, images
-from services.common.errors import FailedPrecondition, InvalidArgument
+from services.common.config import EXTRACT_PIXELS, EXTRACT_SIDE_PX, CpuArena
+from services.common.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from services.common.manifest import Manifest
 
 log = logging.getLogger(__name__)
 
 MIN_SIDE_PX = 32  # below this the deepest layers of the models have no pixels left
 SESSIONS = 4  # sets of taps kept ready: style, content, both, and one more
+
+
+def _malloc_trim() -> Callable[[], None]:
+    """glibc's malloc_trim(0): hand the heap's free pages back to the system. glibc keeps what
+    a run frees for the next one, so without it a 1024 px extraction's activations stay in the
+    process's RSS. A no-op where the C library is not glibc."""
+    name = ctypes.util.find_library("c")
+    trim = getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
+    return (lambda: trim(0)) if trim is not None else (lambda: None)
+
+
+malloc_trim = _malloc_trim()
 
 
 def gram(features: np.ndarray) -> np.ndarray:
@@ -103,6 +118,20 @@ class Extraction:
     cached: bool  # True when nothing had to be run
 
 
+def check_run_size(width: int, height: int, max_side_px: int, max_pixels: int) -> None:
+    """The largest run a network may be asked for: its memory and time grow with its pixels."""
+    if max(width, height) > max_side_px:
+        raise ResourceExhausted(
+            f"size {width}×{height}: the longest side allowed is {max_side_px} px "
+            "(STYLEBLEND_MAX_EXTRACT_SIDE_PX)"
+        )
+    if width * height > max_pixels:
+        raise ResourceExhausted(
+            f"size {width}×{height} = {width * height:,} pixels is over the limit of "
+            f"{max_pixels:,} (STYLEBLEND_MAX_EXTRACT_PIXELS)"
+        )
+
+
 class FeatureExtractor:
     """One ONNX Runtime session over an export, and a cache keyed by image content and size."""
 
@@ -113,11 +142,25 @@ class FeatureExtractor:
         cache_bytes: int,
         intra_op_threads: int = 0,
         tensorrt: TensorRTSettings = DEFAULT_TENSORRT,
+        *,
+        max_side_px: int = EXTRACT_SIDE_PX,
+        max_pixels: int = EXTRACT_PIXELS,
+        cpu_arena: CpuArena = "off",
     ) -> None:
         self.manifest = Manifest.load(model_dir)
+        self.max_side_px, self.max_pixels = max_side_px, max_pixels
         self.model_path = model_dir / self.manifest.onnx_file
         self._options = ort.SessionOptions()
         self._options.intra_op_num_threads = intra_op_threads
+        # ONNX Runtime's CPU arena keeps the high-water mark of every size it has run: a
+        # features service grew from 1.4 to 5.6 GB over varied sizes. "off" gives each run's
+        # memory back, for the page faults of taking it again: +6% at 512 px, measured with
+        # the other settings by bench/features_memory.py.
+        self.cpu_arena = cpu_arena
+        self._options.enable_cpu_mem_arena = cpu_arena != "off"
+        self._run_options = ort.RunOptions()
+        if cpu_arena == "shrink":
+            self._run_options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
         name = self.manifest.input_name
         self._providers = session_providers(
             choose_providers(providers, ort.get_available_providers()),
@@ -169,6 +212,14 @@ class FeatureExtractor:
                 f"{self.manifest.model} has {', '.join(known)}"
             )
 
+    def check_size(self, width: int, height: int) -> None:
+        """What the model may run on: the memory and time of a run grow with its pixels."""
+        if min(width, height) < MIN_SIDE_PX:
+            raise InvalidArgument(
+                f"size {width}×{height}: each side must be at least {MIN_SIDE_PX}"
+            )
+        check_run_size(width, height, self.max_side_px, self.max_pixels)
+
     def extract(
         self,
         image: bytes,
@@ -186,10 +237,7 @@ class FeatureExtractor:
             raise InvalidArgument(f"color {color} needs color_reference, the content image")
         self.check_layers(gram_layers, "gram_layers")
         self.check_layers(feature_layers, "feature_layers")
-        if min(width, height) < MIN_SIDE_PX:
-            raise InvalidArgument(
-                f"size {width}×{height}: each side must be at least {MIN_SIDE_PX}"
-            )
+        self.check_size(width, height)
         key = (
             images.sha256(image),
             width,
@@ -233,12 +281,19 @@ class FeatureExtractor:
         layers = sorted({name for _, name in wanted})
         session = self.session_for(layers)
         outputs = dict(
-            zip(layers, session.run(layers, {self.manifest.input_name: batch}), strict=True)
+            zip(
+                layers,
+                session.run(layers, {self.manifest.input_name: batch}, self._run_options),
+                strict=True,
+            )
         )
         results = {
             (kind, name): gram(outputs[name][0]) if kind == "gram" else outputs[name][0]
             for kind, name in wanted
         }
+        del outputs
+        if self.cpu_arena == "off":
+            malloc_trim()
         with self._lock:
             self.forward_passes += 1
             for (kind, name), array in results.items():

@@ -11,11 +11,13 @@ import numpy as np
 import onnxruntime as ort
 
 from services.common import colour, images
+from services.common.config import EXTRACT_PIXELS, EXTRACT_SIDE_PX
 from services.common.errors import FailedPrecondition, InvalidArgument
 from services.common.fastmodel import FAST_MANIFEST_FILE, FastManifest
 from services.features.core import (
     DEFAULT_TENSORRT,
     TensorRTSettings,
+    check_run_size,
     choose_providers,
     session_providers,
 )
@@ -113,8 +115,12 @@ class FastModels:
         providers: Sequence[str],
         intra_op_threads: int = 0,
         tensorrt: TensorRTSettings = DEFAULT_TENSORRT,
+        max_side_px: int = EXTRACT_SIDE_PX,
+        max_pixels: int = EXTRACT_PIXELS,
     ) -> None:
         self.root = root
+        self.max_side_px = max_side_px
+        self.max_pixels = max_pixels
         folders = sorted(p.parent for p in root.glob(f"*/{FAST_MANIFEST_FILE}"))
         self.models = {
             folder.name: FastStyliser(folder, providers, intra_op_threads, tensorrt)
@@ -145,6 +151,7 @@ class FastModels:
             raise InvalidArgument(
                 f"width_px and height_px must be at least 2, got {width}×{height}"
             )
+        check_run_size(width, height, self.max_side_px, self.max_pixels)
         content = images.to_canvas(image, width, height, "image")
         started = time.perf_counter()
         pixels = styliser.stylise(content, mix)

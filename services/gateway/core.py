@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import threading
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 
-from cachetools import LRUCache
 from styleblend.v1 import styleblend_pb2
 
 from services.common import images
 from services.common.config import GatewayConfig
+from services.common.errors import ResourceExhausted
 from services.common.fastmodel import FastManifest
 from services.common.manifest import Manifest
 from services.gateway.plan import plan_blend
@@ -31,14 +32,93 @@ class Upload:
     header: images.ImageHeader
 
 
+class UploadStore:
+    """Uploaded images by sha256, within a memory budget, each charged to the clients that
+    uploaded it, each client within its quota.
+
+    A client over its quota makes room by dropping its own oldest uploads, never another's; an
+    image larger than the quota is refused (RESOURCE_EXHAUSTED) and nothing changes. When the
+    store as a whole is full, room comes from the client holding the most bytes (its oldest
+    first): a client within its fair share keeps its uploads while others hold more.
+    """
+
+    def __init__(self, budget_bytes: int, per_client_bytes: int) -> None:
+        self.budget_bytes = budget_bytes
+        self.quota_bytes = min(per_client_bytes, budget_bytes)
+        self._images: OrderedDict[str, bytes] = OrderedDict()  # least recently used first
+        self._owners: dict[str, set[str]] = {}
+        self._used: Counter[str] = Counter()  # bytes charged to each client
+        self._held = 0  # bytes held, each image once
+        self._lock = threading.Lock()
+
+    @property
+    def held_bytes(self) -> int:
+        with self._lock:
+            return self._held
+
+    def used_by(self, client: str) -> int:
+        with self._lock:
+            return self._used[client]
+
+    def check(self, size: int) -> None:
+        if size > self.quota_bytes:
+            raise ResourceExhausted(
+                f"the uploaded image: {size:,} bytes is over the upload quota of "
+                f"{self.quota_bytes:,} bytes a client (STYLEBLEND_UPLOAD_BYTES_PER_CLIENT)"
+            )
+
+    def put(self, digest: str, data: bytes, client: str) -> None:
+        size = len(data)
+        self.check(size)
+        with self._lock:
+            owners = self._owners.get(digest)
+            if owners is not None and client in owners:
+                self._images.move_to_end(digest)
+                return
+            while self._used[client] + size > self.quota_bytes:
+                self._release(self._oldest_of(client, digest), client)
+            if owners is None:
+                while self._held + size > self.budget_bytes:
+                    holder = max(self._used, key=lambda name: self._used[name])
+                    self._release(self._oldest_of(holder, digest), holder)
+                self._images[digest], self._owners[digest] = data, set()
+                self._held += size
+            self._images.move_to_end(digest)
+            self._owners[digest].add(client)
+            self._used[client] += size
+
+    def get(self, digest: str) -> bytes | None:
+        with self._lock:
+            data = self._images.get(digest)
+            if data is not None:
+                self._images.move_to_end(digest)
+            return data
+
+    def _oldest_of(self, client: str, keep: str) -> str:
+        return next(d for d in self._images if d != keep and client in self._owners[d])
+
+    def _release(self, digest: str, client: str) -> None:
+        """`client` no longer holds `digest`; the image goes once nobody does."""
+        owners = self._owners[digest]
+        owners.discard(client)
+        size = len(self._images[digest])
+        self._used[client] -= size
+        if self._used[client] <= 0:
+            del self._used[client]
+        if not owners:
+            del self._images[digest], self._owners[digest]
+            self._held -= size
+
+
 class Gateway:
     def __init__(self, config: GatewayConfig, upstreams: Upstreams) -> None:
         self.config = config
         self.upstreams = upstreams
-        self._uploads: LRUCache[str, bytes] = LRUCache(
-            maxsize=config.upload_store_bytes, getsizeof=len
+        per_client = config.upload_bytes_per_client
+        self.uploads = UploadStore(
+            config.upload_store_bytes,
+            config.upload_store_bytes // 4 if per_client is None else per_client,
         )
-        self._lock = threading.Lock()
         self._model: Model | None = None
         self.runs = Runs()  # in flight; finished early when the server stops
 
@@ -54,16 +134,16 @@ class Gateway:
             )
         return self._model
 
-    def upload(self, data: bytes) -> Upload:
-        header = images.probe(data, "image", self.config.max_image_pixels)
+    def upload(self, data: bytes, client: str) -> Upload:
+        """Store an image that decodes in full, charged to `client` (see UploadStore)."""
+        self.uploads.check(len(data))
+        header = images.check_decodes(data, "the uploaded image", self.config.max_image_pixels)
         digest = images.sha256(data)
-        with self._lock:
-            self._uploads[digest] = data
+        self.uploads.put(digest, data, client)
         return Upload(digest, header)
 
     def uploaded(self, upload_id: str) -> bytes | None:
-        with self._lock:
-            return self._uploads.get(upload_id)
+        return self.uploads.get(upload_id)
 
     def start(
         self, request: styleblend_pb2.BlendRequest, upstreams: Upstreams | None = None

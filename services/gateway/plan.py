@@ -20,6 +20,13 @@ from services.common.manifest import Manifest
 MIN_SIDE_PX = 32
 AUTO_SCALE_SIDE_PX = 256  # coarse-to-fine adds a scale for each doubling above this
 STYLE_SCALE_RANGE = (0.25, 4.0)
+# Weights and loss weights reach float32 as products: β·Σᵢsᵢ (up to max_sources weights) times
+# each relative loss, then squared in L-BFGS's dot products. 1e6 keeps β·Σs ≤ 1e6 × 8e6 ≈ 1e13,
+# its square ≈ 1e26, far under float32's 3.4e38; a nonzero weight under 1e-6 is as good as 0
+# (and, under float32's 1.2e-38, is 0) while its ratio to the others stays within 1e12.
+MAX_WEIGHT = 1e6
+MIN_NONZERO_WEIGHT = 1e-6
+MAX_LEARNING_RATE = 1.0  # Adam's step in pixel units: one step across the whole [0, 1] range
 
 Uploads = Callable[[str], bytes | None]
 
@@ -101,10 +108,22 @@ class Plan:
         return images.fit_inside(width, height, side)
 
 
-def _weight(value: float, field: str, *, positive: bool = False) -> float:
+def _weight(
+    value: float, field: str, *, positive: bool = False, largest: float = MAX_WEIGHT
+) -> float:
+    """A weight the float32 computation can carry: 0 (unless `positive`) or within
+    MIN_NONZERO_WEIGHT..`largest`."""
+    zero = "" if positive else "0 or "
     if not math.isfinite(value) or value < 0 or (positive and value == 0):
         bound = "> 0" if positive else ">= 0"
         raise InvalidArgument(f"{field} must be a finite number {bound}, got {value}")
+    if value > largest:
+        raise InvalidArgument(f"{field} {value:g} is over the largest allowed, {largest:g}")
+    if 0 < value < MIN_NONZERO_WEIGHT:
+        raise InvalidArgument(
+            f"{field} {value:g} is too small to count: it must be {zero}at least "
+            f"{MIN_NONZERO_WEIGHT:g} (the largest allowed is {largest:g})"
+        )
     return value
 
 
@@ -155,9 +174,10 @@ class Images:
                     f"{field}.upload_id: no upload {message.upload_id!r} (unknown or expired); "
                     "upload the image again"
                 )
-        else:
+            header = images.probe(data, f"{field} {what}", self.config.max_image_pixels)
+        else:  # decoded in full now, so the services never meet pixels that do not decode
             data = message.data
-        header = images.probe(data, f"{field} {what}", self.config.max_image_pixels)
+            header = images.check_decodes(data, f"{field} {what}", self.config.max_image_pixels)
         return PlannedImage(data, images.sha256(data), header)
 
     def optional(self, parent: Any, name: str, field: str) -> PlannedImage | None:
@@ -322,12 +342,15 @@ def plan_blend(
     side = _bounded(
         request.max_side_px, config.default_side_px, config.max_side_px, "max_side_px", MIN_SIDE_PX
     )
-    canvas_source = max(sources, key=lambda s: s.content_weight).image.header
+    canvas_index = max(range(count), key=lambda i: sources[i].content_weight)
+    canvas_source = sources[canvas_index].image.header
     width, height = images.fit_inside(canvas_source.width, canvas_source.height, side)
     if min(width, height) < MIN_SIDE_PX:
         raise InvalidArgument(
-            f"max_side_px {side} makes a {width}×{height} canvas for this aspect ratio; "
-            f"each side must be at least {MIN_SIDE_PX}"
+            f"sources[{canvas_index}] sets the canvas: its image is "
+            f"{canvas_source.width}×{canvas_source.height}, and max_side_px {side} makes a "
+            f"{width}×{height} canvas for that aspect ratio; each side must be at least "
+            f"{MIN_SIDE_PX}, so crop the image or raise max_side_px"
         )
 
     _enum(request.optimizer, styleblend_pb2.Optimizer, "optimizer")
@@ -338,19 +361,18 @@ def plan_blend(
         if not request.init_image:
             raise InvalidArgument("init_image is required when init is INIT_IMAGE")
         data = request.init_image
-        init_image = PlannedImage(
-            data, images.sha256(data), images.probe(data, "init_image", config.max_image_pixels)
-        )
+        header = images.check_decodes(data, "init_image", config.max_image_pixels)
+        init_image = PlannedImage(data, images.sha256(data), header)
     elif request.init_image:
         raise InvalidArgument("init_image is set but init is not INIT_IMAGE")
 
-    style_scale = _optional(request, "style_scale", 1.0, positive=True)
+    style_scale = request.style_scale if request.HasField("style_scale") else 1.0
     low, high = STYLE_SCALE_RANGE
     if not low <= style_scale <= high:
         raise InvalidArgument(f"style_scale must be within {low}..{high}, got {style_scale}")
 
     defaults = manifest.loss_defaults
-    return Plan(
+    plan = Plan(
         sources=sources,
         regions=regions,
         scales=plan_scales(request, width, height, config),
@@ -369,7 +391,11 @@ def plan_blend(
         seed=request.seed if request.HasField("seed") else secrets.randbits(63),
         preview_every=request.preview_every or config.default_preview_every,
         learning_rate=_optional(
-            request, "learning_rate", config.default_learning_rate, positive=True
+            request,
+            "learning_rate",
+            config.default_learning_rate,
+            positive=True,
+            largest=MAX_LEARNING_RATE,
         ),
         preserve_color=request.preserve_color,
         style_scale=style_scale,
@@ -377,14 +403,72 @@ def plan_blend(
         if request.HasField("fast")
         else None,
     )
+    check_extractions(plan, config)
+    return plan
 
 
 def _optional(
-    message: Any, field: str, default: float, *, positive: bool = False, prefix: str = ""
+    message: Any,
+    field: str,
+    default: float,
+    *,
+    positive: bool = False,
+    prefix: str = "",
+    largest: float = MAX_WEIGHT,
 ) -> float:
     if not message.HasField(field):
         return default
-    return _weight(getattr(message, field), f"{prefix}{field}", positive=positive)
+    return _weight(getattr(message, field), f"{prefix}{field}", positive=positive, largest=largest)
+
+
+def check_extractions(plan: Plan, config: GatewayConfig) -> None:
+    """Every image the features service will be asked for, at every scale, within its limits.
+
+    Content is fitted to the canvas (cropped), so only the canvas can be over; a style image
+    keeps its aspect ratio, and a long, thin one grows until its short side has MIN_SIDE_PX:
+    a 2500×1 image would be extracted at 80000×32. That is refused here, naming the source.
+    """
+    if plan.fast is not None and not plan.fast.refine:
+        return  # the network alone extracts nothing
+    side_limit, pixel_limit = config.max_extract_side_px, config.max_extract_pixels
+    canvas = plan.canvas
+    if canvas.width * canvas.height > pixel_limit:
+        raise ResourceExhausted(
+            f"max_side_px: the {canvas.width}×{canvas.height} canvas has "
+            f"{canvas.width * canvas.height:,} pixels, over the {pixel_limit:,} the features "
+            "service extracts at most (STYLEBLEND_MAX_EXTRACT_PIXELS); lower max_side_px"
+        )
+    for index, source in enumerate(plan.sources):
+        if not _brings_style(plan, index):
+            continue
+        header = source.image.header
+        short, long = sorted((header.width, header.height))
+        if math.ceil(MIN_SIDE_PX * long / short) > side_limit:
+            width, height = plan.style_size(source, canvas)
+            raise InvalidArgument(
+                f"sources[{index}]: its {header.width}×{header.height} style image is too long "
+                f"and thin to be seen: {MIN_SIDE_PX} px across (what the model needs) makes it "
+                f"{width}×{height}, over the longest side of {side_limit} px the features "
+                f"service extracts; its long side may be at most {side_limit // MIN_SIDE_PX} "
+                "times its short side: crop the image, or set its style weight to 0"
+            )
+        for scale in plan.scales:
+            width, height = plan.style_size(source, scale)
+            if max(width, height) > side_limit or width * height > pixel_limit:
+                raise ResourceExhausted(
+                    f"sources[{index}]: style_scale {plan.style_scale:g} makes its "
+                    f"{header.width}×{header.height} style image {width}×{height} = "
+                    f"{width * height:,} pixels at the {scale.width}×{scale.height} scale, over "
+                    f"the features service's limits of {pixel_limit:,} pixels and {side_limit} "
+                    "px a side (STYLEBLEND_MAX_EXTRACT_PIXELS and _SIDE_PX); lower style_scale "
+                    "or max_side_px"
+                )
+
+
+def _brings_style(plan: Plan, index: int) -> bool:
+    return plan.sources[index].style_weight > 0 or any(
+        region.style_weights[index] > 0 for region in plan.regions
+    )
 
 
 def apply_update(
@@ -421,7 +505,7 @@ def apply_update(
         )
     if fast is not None:
         _check_fast(fast, sources, regions)
-    return dataclasses.replace(
+    updated = dataclasses.replace(
         plan,
         fast=fast,
         sources=tuple(sources),
@@ -434,3 +518,5 @@ def apply_update(
         ),
         tv_loss_weight=_optional(update, "tv_loss_weight", plan.tv_loss_weight, prefix="update."),
     )
+    check_extractions(updated, config)  # a source that starts to bring style may be too thin
+    return updated

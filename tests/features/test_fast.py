@@ -40,3 +40,17 @@ def test_bad_mixes_are_refused_by_name(
 ) -> None:
     with pytest.raises(InvalidArgument, match=message.replace("(", r"\(").replace(")", r"\)")):
         styliser.stylise(np.zeros((8, 8, 3), np.float32) + 0.5, mix)
+
+
+def test_stylise_refuses_a_run_over_the_size_limits_before_decoding(fast_model_dir: Path) -> None:
+    from services.common.errors import ResourceExhausted
+    from services.features.fast import FastModels
+
+    models = FastModels(fast_model_dir.parent, ["CPUExecutionProvider"], max_side_px=64,
+                        max_pixels=48 * 48)  # fmt: skip
+    mix = np.array([0, 1, 0, 0], np.float32)
+    # The image is not even an image: the size is refused before anything is decoded or run.
+    with pytest.raises(ResourceExhausted, match="longest side allowed is 64 px"):
+        models.stylise(fast_model_dir.name, b"not an image", 4000, 2, mix, False)
+    with pytest.raises(ResourceExhausted, match="over the limit of 2,304"):
+        models.stylise(fast_model_dir.name, b"not an image", 60, 60, mix, False)
