@@ -3,7 +3,8 @@
 Threads: the caller iterates `events()`, which only reads one outbox; a pump thread computes
 the targets, starts the reconstruction and moves its events into the outbox, where rejected
 updates and errors also land; a worker turns accepted updates into new targets. Updates are
-checked on arrival, so a bad one is refused in-band and the run goes on. Because the caller
+checked on arrival, so a bad one is refused in-band and the run goes on; one whose targets then
+cannot be made is refused too, and the session goes on as if it had never come. Because the caller
 only waits on the outbox, a cancel or a server shutting down reaches it at once, even while
 an upstream call is still out.
 """
@@ -81,8 +82,12 @@ class BlendRun:
         self.strides = {layer.name: layer.stride for layer in manifest.layers}
         self._outbox: queue.Queue[object] = queue.Queue()
         self._controls: queue.Queue[object] = queue.Queue()
-        self._work: queue.Queue[tuple[styleblend_pb2.SessionUpdate, Plan]] = queue.Queue()
+        self._work: queue.Queue[styleblend_pb2.SessionUpdate] = queue.Queue()
+        # The updates taken, in arrival order, and the plan each made; one whose targets cannot
+        # be made leaves both again (`_refuse`), as a refused update leaves no trace.
         self._received: dict[int, styleblend_pb2.SessionUpdate] = {}
+        self._plans: dict[int, Plan] = {}
+        self._plans_lock = threading.Lock()
         self._applied: list[tuple[int, int]] = []  # (update_id, iteration)
         self._stream: ReconstructStream | None = None
         self._lock = threading.Lock()  # orders starting the stream against cancel and shutdown
@@ -105,7 +110,7 @@ class BlendRun:
                 yield self._annotated(item)
         finally:
             self._cancelled.set()
-            self._work.put((styleblend_pb2.SessionUpdate(), self.plan))  # wakes the worker to end
+            self._work.put(styleblend_pb2.SessionUpdate())  # wakes the worker to end
             self._controls.put(_END)
             with self._lock:
                 stream = self._stream
@@ -119,29 +124,31 @@ class BlendRun:
                 raise FailedPrecondition(f"{SHUTTING_DOWN}; updates are no longer taken")
             if self._finishing.is_set():
                 raise FailedPrecondition("the session is finishing; updates are no longer taken")
-            if update.update_id == 0 or update.update_id in self._received:
-                raise FailedPrecondition(
-                    f"update_id {update.update_id}: each update needs its own id > 0"
-                )
-            plan = apply_update(self.plan, update, self.config, self.uploads)
+            with self._plans_lock:
+                if update.update_id == 0 or update.update_id in self._received:
+                    raise FailedPrecondition(
+                        f"update_id {update.update_id}: each update needs its own id > 0"
+                    )
+                plan = apply_update(self.plan, update, self.config, self.uploads)
+                self.plan = plan  # the next update applies on top of this one
+                self._received[update.update_id] = update
+                self._plans[update.update_id] = plan
         except StyleBlendError as error:
             self._reject(update.update_id, error)
             return
-        self.plan = plan  # the next update applies on top of this one
-        self._received[update.update_id] = update
         if update.at_iteration:
             hold = reconstruction_pb2.HoldAt(
                 update_id=update.update_id, at_iteration=update.at_iteration
             )
             self._controls.put(reconstruction_pb2.ReconstructRequest(hold=hold))
-        self._work.put((update, plan))
+        self._work.put(update)
 
     def reject_start(self) -> None:
         self._reject(0, FailedPrecondition("the session has started; `start` only goes first"))
 
     def finish(self) -> None:
         self._finishing.set()
-        self._work.put((_FINISH, self.plan))
+        self._work.put(_FINISH)
         self._controls.put(
             reconstruction_pb2.ReconstructRequest(finish=styleblend_pb2.FinishSession())
         )
@@ -198,14 +205,16 @@ class BlendRun:
             self._outbox.put(_END)
 
     def _start(self) -> None:
-        init_image = b""
-        if self.plan.fast is not None:
-            self._fast_image = init_image = self._stylised(self.plan)
+        # The start's plan: by the time this thread runs, `update` may have moved `self.plan` on,
+        # and each update comes through `_work_on_updates` in its turn.
+        first, init_image = self.first, b""
+        if first.fast is not None:
+            self._fast_image = init_image = self._stylised(first)
             self._outbox.put(self._fast_preview(0))
-            if not self.plan.fast.refine:
+            if not first.fast.refine:
                 self._fast_only(self._session)
                 return
-        job = self._job(self._scale_targets(self.plan), init_image)
+        job = self._job(self._scale_targets(first), init_image)
         with self._lock:
             if self._cancelled.is_set():
                 return
@@ -222,21 +231,65 @@ class BlendRun:
             batch = [self._work.get()]
             while not self._work.empty():
                 batch.append(self._work.get_nowait())
-            # Coalesce: of the updates due as soon as possible only the latest matters; the
-            # ones for a fixed iteration are kept, in order.
-            soon = [item for item in batch if not item[0].at_iteration and item[0].update_id]
-            keep = [item for item in batch if item[0].at_iteration] + soon[-1:]
-            for update, plan in keep:
+            taken = [update for update in batch if self._plan_of(update) is not None]
+            # Coalesce: of the updates due as soon as possible only the latest matters (its plan
+            # has the ones before it); the ones for a fixed iteration are kept. All go in the
+            # order they came.
+            soon = [update for update in taken if not update.at_iteration]
+            for update in taken:
                 if self._cancelled.is_set():
                     return
-                if plan.fast is not None:
-                    self._send_fast_preview(update, plan)
-                if plan.fast is None or plan.fast.refine:
-                    self._send_update(update, plan)
-            if any(item[0] is _FINISH for item in batch) and self._fast_only_run():
+                if update.at_iteration:
+                    self._apply(update)
+                elif update is soon[-1]:
+                    for candidate in reversed(soon):  # refused, the one before it goes instead
+                        if self._apply(candidate):
+                            break
+            if any(update is _FINISH for update in batch) and self._fast_only_run():
                 self._outbox.put(self._fast_result())
                 self._outbox.put(_END)
                 return
+
+    def _apply(self, update: styleblend_pb2.SessionUpdate) -> bool:
+        """Send a taken update's image (the network's) and targets; False if it was refused."""
+        if (plan := self._plan_of(update)) is not None and plan.fast is not None:
+            self._send_fast_preview(update, plan)
+        if (plan := self._plan_of(update)) is not None and (plan.fast is None or plan.fast.refine):
+            self._send_update(update, plan)
+        return self._plan_of(update) is not None
+
+    def _plan_of(self, update: styleblend_pb2.SessionUpdate) -> Plan | None:
+        """The plan a taken update makes as it stands now (a refusal before it may have made it
+        again); None for one refused since it was queued, and for the worker's own signals."""
+        with self._plans_lock:
+            return self._plans.get(update.update_id) if update.update_id else None
+
+    def _refuse(self, update: styleblend_pb2.SessionUpdate, error: StyleBlendError) -> None:
+        """The targets for a taken update cannot be made (an upstream failed, say): refuse it and
+        go on as if it had never come. The updates after it were planned on top of it, so they
+        are planned again without it, and one that no longer holds is refused too."""
+        refused = [(update, error)]
+        with self._plans_lock:
+            if update.update_id not in self._received:
+                return  # already refused
+            arrived = list(self._received)
+            at = arrived.index(update.update_id)
+            plan = self._plans[arrived[at - 1]] if at else self.first
+            for later in arrived[at + 1 :]:
+                try:
+                    plan = self._plans[later] = apply_update(
+                        plan, self._received[later], self.config, self.uploads
+                    )
+                except StyleBlendError as again:
+                    refused.append((self._received[later], again))
+            for gone, _ in refused:
+                del self._received[gone.update_id], self._plans[gone.update_id]
+            self.plan = plan
+        for gone, reason in refused:
+            if gone.at_iteration:  # the reconstruction holds for it: let it go on
+                release = reconstruction_pb2.HoldAt(update_id=gone.update_id, at_iteration=0)
+                self._controls.put(reconstruction_pb2.ReconstructRequest(hold=release))
+            self._reject(gone.update_id, reason)
 
     def _fast_only_run(self) -> bool:
         return self.plan.fast is not None and not self.plan.fast.refine
@@ -253,7 +306,7 @@ class BlendRun:
         try:
             self._fast_image = self._stylised(plan)
         except StyleBlendError as error:
-            self._reject(update.update_id, error)
+            self._refuse(update, error)
             return
         if self._fast_only_run():
             self._applied.append((update.update_id, 0))
@@ -281,11 +334,8 @@ class BlendRun:
     def _send_update(self, update: styleblend_pb2.SessionUpdate, plan: Plan) -> None:
         try:
             scales = self._scale_targets(plan)
-        except StyleBlendError as error:  # e.g. a map whose header read but whose pixels do not
-            if update.at_iteration:
-                release = reconstruction_pb2.HoldAt(update_id=update.update_id, at_iteration=0)
-                self._controls.put(reconstruction_pb2.ReconstructRequest(hold=release))
-            self._reject(update.update_id, error)
+        except StyleBlendError as error:  # e.g. a service down for a moment
+            self._refuse(update, error)
             return
         message = reconstruction_pb2.ReconstructUpdate(
             update_id=update.update_id,
@@ -331,11 +381,13 @@ class BlendRun:
         An applied update carries the ones coalesced into it (each applies on top of the one
         before), so they are all recorded at the iteration where it took effect.
         """
-        arrived = list(self._received)
+        with self._plans_lock:
+            received = dict(self._received)
+        arrived = list(received)
         history, start = [], 0
         for update_id, iteration in self._applied:
             end = arrived.index(update_id) + 1
-            history += [(iteration, self._received[u]) for u in arrived[start:end]]
+            history += [(iteration, received[u]) for u in arrived[start:end]]
             start = end
         return history
 
@@ -472,7 +524,7 @@ class BlendRun:
         self, scales: list[reconstruction_pb2.ScaleTargets], init_image: bytes = b""
     ) -> reconstruction_pb2.ReconstructJob:
         """`init_image`, when given (the network's image), overrides the plan's start."""
-        plan = self.plan
+        plan = self.first
         if not init_image and plan.init_image is not None:
             init_image = plan.init_image.data
         elif not init_image and plan.init == styleblend_pb2.INIT_CONTENT and plan.content_source:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 from collections.abc import Callable, Iterator
 
@@ -10,7 +11,8 @@ import grpc
 from styleblend.v1 import styleblend_pb2, styleblend_pb2_grpc
 
 from services.common import logs
-from services.common.errors import InvalidArgument
+from services.common.config import GatewayConfig
+from services.common.errors import DeadlineExceeded, InvalidArgument
 from services.common.metrics import ServiceMetrics
 from services.common.security import SessionSlots, client_identity
 from services.common.server import Servicer
@@ -18,6 +20,22 @@ from services.gateway.core import Gateway
 from services.gateway.run import BlendRun, Upstreams
 
 log = logging.getLogger(__name__)
+
+# gRPC's sync server gives each streaming call one thread for its whole life; these are the
+# threads no session can take, so GetInfo, UploadImage and health always find one.
+RESERVED_THREADS = 16
+
+
+def server_threads(config: GatewayConfig, *, internal_services: bool = False) -> int:
+    """Threads for a server that hosts the gateway: one for each session it allows (two when the
+    internal services share the server: each session's Reconstruct stream is a call to it too),
+    and the reserve."""
+    per_session = 2 if internal_services else 1
+    return config.max_sessions * per_session + RESERVED_THREADS
+
+
+class ClientCancelled(Exception):
+    """The client went away before the call could begin: a normal event, not an error."""
 
 
 class StyleBlendServicer(styleblend_pb2_grpc.StyleBlendServicer):
@@ -47,7 +65,12 @@ class StyleBlendServicer(styleblend_pb2_grpc.StyleBlendServicer):
     ) -> Iterator[styleblend_pb2.SessionResponse]:
         session_id, release = self._open(context)
         try:
-            first = next(request_iterator, None)
+            try:
+                first = first_request(request_iterator, self.gateway.config.session_start_timeout_s)
+            except ClientCancelled:
+                log.info("session cancelled before `start`")
+                context.set_code(grpc.StatusCode.CANCELLED)  # what the call's log line says
+                return
             if first is None or not first.HasField("start"):
                 raise InvalidArgument("the first message of a session must carry `start`")
             run = self.gateway.start(first.start, self._upstreams(session_id))
@@ -80,7 +103,8 @@ class StyleBlendServicer(styleblend_pb2_grpc.StyleBlendServicer):
     def UploadImage(
         self, request: styleblend_pb2.UploadImageRequest, context: grpc.ServicerContext
     ) -> styleblend_pb2.UploadImageResponse:
-        upload = self.gateway.upload(request.data)
+        client = client_identity(context.peer(), context.invocation_metadata())
+        upload = self.gateway.upload(request.data, client)
         return styleblend_pb2.UploadImageResponse(
             upload_id=upload.upload_id, width_px=upload.header.width, height_px=upload.header.height
         )
@@ -89,6 +113,35 @@ class StyleBlendServicer(styleblend_pb2_grpc.StyleBlendServicer):
         self, request: styleblend_pb2.GetInfoRequest, context: grpc.ServicerContext
     ) -> styleblend_pb2.GetInfoResponse:
         return self.gateway.info()
+
+
+def first_request(
+    request_iterator: Iterator[styleblend_pb2.SessionRequest], timeout_s: float
+) -> styleblend_pb2.SessionRequest | None:
+    """A session's first message (None if the client closed its side without one), read on a
+    thread of its own so that a client that sends nothing is ended after `timeout_s` and frees
+    its slot and server thread; the reader ends with the call."""
+    arrived: queue.Queue[styleblend_pb2.SessionRequest | Exception | None] = queue.Queue()
+
+    def read() -> None:
+        try:
+            arrived.put(next(request_iterator, None))
+        except Exception as error:  # the client cancelled, or sent bytes that do not parse
+            arrived.put(error)
+
+    threading.Thread(target=read, daemon=True, name="session-start").start()
+    try:
+        first = arrived.get(timeout=timeout_s)
+    except queue.Empty:
+        raise DeadlineExceeded(
+            f"no `start` within {timeout_s:g} s: a session's first message must carry `start`; "
+            "the session is ended, open a new one"
+        ) from None
+    if isinstance(first, grpc.RpcError):
+        raise ClientCancelled from first
+    if isinstance(first, Exception):
+        raise first
+    return first
 
 
 def follow(request_iterator: Iterator[styleblend_pb2.SessionRequest], run: BlendRun) -> None:
@@ -101,7 +154,7 @@ def follow(request_iterator: Iterator[styleblend_pb2.SessionRequest], run: Blend
                 run.update(request.update)
             elif request.HasField("start"):
                 run.reject_start()
-    except grpc.RpcError:
+    except (grpc.RpcError, InvalidArgument):  # gone, or sent bytes that do not parse
         run.cancel()
 
 

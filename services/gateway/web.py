@@ -10,24 +10,30 @@ Tokens: the bridge holds none. The page sends the gateway's token, when there is
 browser cannot set headers on a WebSocket); the bridge passes it on as gRPC metadata and the
 gateway checks it, so the studio and gRPC clients meet the same rule. The bridge also names the
 browser's address (`x-styleblend-client`), so session limits count browsers, not the bridge.
+
+Origins: without a token any page open in the browser could drive a studio on loopback, so the
+socket's upgrade and every state-changing call must come from the studio's own page (or an
+origin configured for a proxy in front); a request without an Origin is not from a browser page.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import logging
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from aiohttp import WSCloseCode, WSMsgType, web
 from google.protobuf import json_format
 from google.protobuf.message import Message
 from styleblend.v1 import styleblend_pb2, styleblend_pb2_grpc
+from yarl import URL
 
 from services.common.security import AUTHORIZATION, CLIENT_KEY
 
@@ -42,6 +48,10 @@ WEB_DIR = _CLIENTS / "web"
 SAMPLES_DIR = _CLIENTS / "samples"
 SAMPLE_KINDS = ("content", "style")
 UNARY_TIMEOUT_S = 30.0  # GetInfo and UploadImage answer at once unless the gateway is stuck
+# A SessionRequest's JSON nests six deep (update, regions, region, mask, …); no frame needs more.
+MAX_FRAME_DEPTH = 32
+SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
+_WILDCARD_HOSTS = ("", "0.0.0.0", "::", "[::]")
 
 # What a unary call's status means to a browser; anything else is a bad gateway.
 _HTTP_STATUS = {
@@ -56,7 +66,7 @@ _HTTP_STATUS = {
 
 def loopback_address(host: str, port: int) -> str:
     """Where the bridge dials a gateway that listens on host:port, from the same machine."""
-    if host in ("", "0.0.0.0", "::", "[::]"):  # listening everywhere includes loopback
+    if host in _WILDCARD_HOSTS:  # listening everywhere includes loopback
         return f"127.0.0.1:{port}"
     return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
 
@@ -84,15 +94,100 @@ def call_metadata(remote: str | None, authorization: str | None) -> Metadata:
     return tuple(metadata)
 
 
-def token_frame(text: str) -> str | None:
-    """The token of a `{"token": "…"}` frame; None for any other frame."""
+class FrameRefused(Exception):
+    """A frame that is not a request; `closes`: one that ends the socket, not only itself."""
+
+    def __init__(self, message: str, *, closes: bool = False) -> None:
+        super().__init__(message)
+        self.closes = closes
+
+
+def frame_json(text: str) -> dict[str, Any]:
+    """A frame's JSON object, nested at most MAX_FRAME_DEPTH deep (Python's parser would
+    recurse until it gives up on deeper nesting)."""
+    too_deep = FrameRefused(
+        f"the frame's JSON nests more than {MAX_FRAME_DEPTH} levels deep; no request does",
+        closes=True,
+    )
     try:
         value = json.loads(text)
-    except ValueError:
-        return None
+    except RecursionError:
+        raise too_deep from None
+    except ValueError as error:
+        raise FrameRefused(f"not a SessionRequest: not JSON ({error})") from None
+    if json_depth(value) > MAX_FRAME_DEPTH:
+        raise too_deep
+    if not isinstance(value, dict):
+        raise FrameRefused("not a SessionRequest: a frame is one JSON object")
+    return value
+
+
+def json_depth(value: object) -> int:
+    """How deep lists and objects nest in `value` (a scalar is 0), without recursing."""
+    deepest, pending = 0, [(value, 0)]
+    while pending:
+        item, depth = pending.pop()
+        if isinstance(item, dict | list):
+            deepest = max(deepest, depth + 1)
+            pending.extend(
+                (child, depth + 1) for child in (item.values() if isinstance(item, dict) else item)
+            )
+    return deepest
+
+
+def token_of(value: object) -> str | None:
+    """The token of a `{"token": "…"}` frame; None for any other frame."""
     if isinstance(value, dict) and set(value) == {"token"} and isinstance(value["token"], str):
         return value["token"]
     return None
+
+
+Origin = tuple[str, str, int]  # scheme, host, port
+
+
+def origin_of(text: str) -> Origin | None:
+    """`http://LocalHost` → ("http", "localhost", 80); None for what is not an origin ("null")."""
+    try:
+        url = URL(text)
+    except ValueError:
+        return None
+    if not url.scheme or not url.host or url.port is None or url.user or url.path not in ("", "/"):
+        return None
+    return url.scheme.lower(), url.host.lower(), url.port
+
+
+class Origins:
+    """Which pages may drive the studio: its own, and `extra` (e.g. a proxy's public origin).
+
+    Its own is the origin the request came to (its Host), but only where that names the machine
+    without DNS: an IP address, `localhost`, or the host the studio was told to listen on. A page
+    whose name an attacker's DNS points at 127.0.0.1 (DNS rebinding) has a Host of that name and
+    is refused.
+    """
+
+    def __init__(self, listen_host: str, extra: Iterable[str] = ()) -> None:
+        self.listen_host = "" if listen_host in _WILDCARD_HOSTS else listen_host.strip("[]").lower()
+        self.extra = {origin for text in extra if (origin := origin_of(text.rstrip("/")))}
+
+    def allows(self, origin: str | None, scheme: str, host: str) -> bool:
+        if origin is None:  # not a page: browsers send Origin on every upgrade and POST
+            return True
+        given = origin_of(origin)
+        if given is None:
+            return False
+        if given in self.extra:
+            return True
+        return given == origin_of(f"{scheme}://{host}") and self._fixed(given[1])
+
+    def _fixed(self, name: str) -> bool:
+        """A name that no one else's DNS can point here."""
+        if name in ("localhost", self.listen_host):
+            return True
+        try:
+            ipaddress.ip_address(name)
+        except ValueError:
+            return False
+        return True
 
 
 @dataclass(frozen=True)
@@ -193,7 +288,17 @@ class Session:
                 if frame.type != WSMsgType.TEXT:
                     await self.send(error_json("INVALID_ARGUMENT", "frames must be JSON text"))
                     continue
-                token = token_frame(frame.data)
+                try:
+                    value = frame_json(frame.data)
+                except FrameRefused as refused:
+                    await self.send(error_json("INVALID_ARGUMENT", str(refused)))
+                    if refused.closes:
+                        await self.socket.close(
+                            code=WSCloseCode.POLICY_VIOLATION, message=b"frame refused"
+                        )
+                        return
+                    continue
+                token = token_of(value)
                 if token is not None:
                     if self._started:
                         await self.send(
@@ -203,7 +308,7 @@ class Session:
                         self.authorization = f"Bearer {token}"
                     continue
                 try:
-                    request = json_format.Parse(frame.data, styleblend_pb2.SessionRequest())
+                    request = json_format.ParseDict(value, styleblend_pb2.SessionRequest())
                 except json_format.ParseError as error:
                     await self.send(
                         error_json("INVALID_ARGUMENT", f"not a SessionRequest: {error}")
@@ -237,6 +342,7 @@ class Bridge:
         web_dir: Path,
         samples_dir: Path,
         credentials: grpc.ChannelCredentials | None = None,
+        origins: Origins | None = None,
     ) -> None:
         limit = max_message_bytes
         options = [
@@ -253,11 +359,14 @@ class Bridge:
         self.web_dir = web_dir
         self.samples = find_samples(samples_dir)
         self.samples_dir = samples_dir
+        self.origins = origins or Origins("127.0.0.1")
         self.sessions: set[Session] = set()
 
     def application(self) -> web.Application:
         # A source image goes up whole in one POST, so the body limit is the message limit.
-        app = web.Application(client_max_size=self.max_message_bytes)
+        app = web.Application(
+            client_max_size=self.max_message_bytes, middlewares=[self.from_allowed_origin]
+        )
         app.router.add_get("/", self.index)
         app.router.add_get("/ws/session", self.session)
         app.router.add_get("/api/info", self.info)
@@ -267,6 +376,28 @@ class Bridge:
         app.router.add_static("/", self.web_dir)  # last: it claims every other path
         app.on_shutdown.append(self.stop_sessions)
         return app
+
+    @web.middleware
+    async def from_allowed_origin(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        """A WebSocket upgrade or a state-changing call from another page: 403."""
+        upgrade = request.headers.get("Upgrade", "").lower() == "websocket"
+        if request.method in SAFE_METHODS and not upgrade:
+            return await handler(request)
+        origin = request.headers.get("Origin")
+        if self.origins.allows(origin, request.scheme, request.host):
+            return await handler(request)
+        log.warning("refused %s %s from origin %s", request.method, request.path, origin)
+        return web.Response(
+            text=error_json(
+                "PERMISSION_DENIED",
+                f"origin {origin} may not use this studio: only its own page may "
+                "(add an origin with STYLEBLEND_STUDIO_ORIGINS, e.g. for a proxy in front)",
+            ),
+            status=403,
+            content_type="application/json",
+        )
 
     async def index(self, request: web.Request) -> web.FileResponse:
         return web.FileResponse(self.web_dir / "index.html")
@@ -340,6 +471,7 @@ class WebServer:
         web_dir: Path,
         samples_dir: Path,
         credentials: grpc.ChannelCredentials | None = None,
+        origins: Iterable[str] = (),
     ) -> None:
         self.host = host
         self.port = port
@@ -348,6 +480,7 @@ class WebServer:
         self.web_dir = web_dir
         self.samples_dir = samples_dir
         self.credentials = credentials
+        self.origins = Origins(host, origins)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True, name="web")
         self._runner: web.AppRunner | None = None
@@ -377,6 +510,7 @@ class WebServer:
             self.web_dir,
             self.samples_dir,
             self.credentials,
+            self.origins,
         )
         self._runner = web.AppRunner(
             self._bridge.application(), access_log=None, shutdown_timeout=2.0
@@ -401,9 +535,10 @@ def start_web(
     web_dir: Path = WEB_DIR,
     samples_dir: Path = SAMPLES_DIR,
     credentials: grpc.ChannelCredentials | None = None,
+    origins: Iterable[str] = (),
 ) -> WebServer:
     """Serve the studio on host:port (0 picks a free port), bridged to the gateway's gRPC API
-    (over TLS with `credentials`)."""
+    (over TLS with `credentials`); pages from `origins` may use it besides its own."""
     server = WebServer(
         host,
         port,
@@ -412,6 +547,7 @@ def start_web(
         web_dir=web_dir,
         samples_dir=samples_dir,
         credentials=credentials,
+        origins=origins,
     )
     server.start()
     log.info("studio at http://%s:%d/ (gateway %s)", host, server.port, gateway_address)

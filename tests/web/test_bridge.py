@@ -127,6 +127,23 @@ def test_a_refused_start_arrives_as_an_error_frame(studio_url: str) -> None:
     ]
 
 
+@pytest.mark.parametrize("depth", [5000, 40])  # past Python's parser, and past the limit only
+def test_deeply_nested_json_is_refused_in_words_and_closes_the_socket(
+    studio_url: str, depth: int
+) -> None:
+    nested = "[" * depth + "]" * depth
+    # Bounded: a bridge that answered and kept the socket open would otherwise hang the test.
+    frames = asyncio.run(asyncio.wait_for(converse(studio_url, nested), timeout=30))
+    assert frames == [
+        {
+            "error": {
+                "code": "INVALID_ARGUMENT",
+                "message": "the frame's JSON nests more than 32 levels deep; no request does",
+            }
+        }
+    ]
+
+
 def test_closing_the_socket_stops_the_reconstruction(studio_url: str) -> None:
     request = small_blend(
         source("content/astronaut.jpg", 0, 1), source("style/the_scream.jpg", 1, 0), iterations=500
