@@ -1,5 +1,6 @@
-"""Certificates made at test time (trustme): one CA, a server certificate for loopback, and a
-client certificate for the gateway; each written to files, as a deployment mounts them."""
+"""A tiny blend, and certificates made at test time (trustme): one CA, a server certificate
+for loopback, and a client certificate for the gateway; each written to files, as a deployment
+mounts them."""
 
 from __future__ import annotations
 
@@ -8,6 +9,21 @@ from pathlib import Path
 
 import pytest
 import trustme
+from styleblend.v1 import styleblend_pb2 as pb
+
+from tests.conftest import sample
+
+
+def tiny_blend() -> pb.BlendRequest:
+    """The smallest blend that runs the whole graph: a photo and a texture at 48 px."""
+    return pb.BlendRequest(
+        sources=[
+            pb.Source(data=sample("content/coffee.jpg"), style_weight=0.0, content_weight=1.0),
+            pb.Source(data=sample("style/grass.jpg"), style_weight=1.0, content_weight=0.0),
+        ],
+        max_side_px=48,
+        iterations=2,
+    )
 
 
 @dataclass(frozen=True)

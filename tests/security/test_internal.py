@@ -31,24 +31,14 @@ from services.common.config import BlendingConfig, FeaturesConfig, GatewayConfig
 from services.common.errors import FailedPrecondition
 from services.common.server import RunningServer
 from services.graph import internal_credential, serve_all_in_one, serve_one
-from tests.conftest import ROOT, Graph, address, internal_metadata, sample, start_gateway
+from tests.conftest import ROOT, Graph, address, internal_metadata, start_gateway
 from tests.reliability.processes import free_port
+from tests.security.conftest import tiny_blend
 
 Metadata = tuple[tuple[str, str], ...]
 WRONG: Metadata = (("authorization", "Bearer not-the-graphs-secret"),)
 MISSING = "this service answers only the styleblend gateway"
 NOT_THIS_GRAPHS = "the internal credential is not this graph's"
-
-
-def tiny_blend() -> pb.BlendRequest:
-    return pb.BlendRequest(
-        sources=[
-            pb.Source(data=sample("content/coffee.jpg"), style_weight=0.0, content_weight=1.0),
-            pb.Source(data=sample("style/grass.jpg"), style_weight=1.0, content_weight=0.0),
-        ],
-        max_side_px=48,
-        iterations=2,
-    )
 
 
 def calls(target: str) -> dict[str, Callable[[Metadata], object]]:

@@ -8,15 +8,14 @@ from dataclasses import dataclass
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from styleblend.v1 import styleblend_pb2 as pb
 from styleblend.v1 import styleblend_pb2_grpc
 
 from services.common.config import GatewayConfig, ServiceConfig
 from services.common.security import channel_credentials
 from services.common.server import RunningServer, Tls, start_server
 from services.graph import build_gateway
-from tests.conftest import Graph, sample
-from tests.security.conftest import Pki
+from tests.conftest import Graph
+from tests.security.conftest import Pki, tiny_blend
 
 MiB = 1024 * 1024
 INTERNAL = ("features", "blending", "reconstruction")
@@ -69,17 +68,6 @@ def tls_graph(request: pytest.FixtureRequest, graph: Graph, pki: Pki) -> Iterato
     yield TlsGraph(servers, mutual)
     for server in servers.values():
         server.stop(0)
-
-
-def tiny_blend() -> pb.BlendRequest:
-    return pb.BlendRequest(
-        sources=[
-            pb.Source(data=sample("content/coffee.jpg"), style_weight=0.0, content_weight=1.0),
-            pb.Source(data=sample("style/grass.jpg"), style_weight=1.0, content_weight=0.0),
-        ],
-        max_side_px=48,
-        iterations=2,
-    )
 
 
 def health(channel: grpc.Channel) -> int:

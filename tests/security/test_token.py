@@ -26,7 +26,8 @@ from services.common.config import GatewayConfig
 from services.common.security import bearer_token, token_matches
 from services.common.server import RunningServer, start_server
 from services.gateway.web import WebServer, start_web
-from tests.conftest import ROOT, SAMPLES, Graph, address, sample
+from tests.conftest import ROOT, SAMPLES, Graph, address
+from tests.security.conftest import tiny_blend
 
 TOKEN = "correct-horse-battery-staple"
 MiB = 1024 * 1024
@@ -73,17 +74,6 @@ def guarded(graph: Graph) -> Iterator[Guarded]:
 
 def stub(target: str) -> styleblend_pb2_grpc.StyleBlendStub:
     return styleblend_pb2_grpc.StyleBlendStub(grpc.insecure_channel(target))
-
-
-def tiny_blend() -> pb.BlendRequest:
-    return pb.BlendRequest(
-        sources=[
-            pb.Source(data=sample("content/coffee.jpg"), style_weight=0.0, content_weight=1.0),
-            pb.Source(data=sample("style/grass.jpg"), style_weight=1.0, content_weight=0.0),
-        ],
-        max_side_px=48,
-        iterations=2,
-    )
 
 
 def test_bearer_token_parsing_and_comparison() -> None:
