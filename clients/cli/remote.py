@@ -283,6 +283,8 @@ def info(args: argparse.Namespace) -> int:
         f"preview every {defaults.preview_every}",
         f"limits         {limits.max_side_px} px, {limits.max_sources} sources, "
         f"{limits.max_iterations} iterations, {limits.max_image_pixels:,} pixels per image",
+        f"extraction     at most {limits.max_extract_side_px} px a side, "
+        f"{limits.max_extract_pixels:,} pixels (style images at every scale)",
         "layers         " + " ".join(layer.name for layer in answer.layers),
     ]
     print("\n".join(lines), file=sys.stdout)

@@ -188,6 +188,8 @@ class Gateway:
                 max_request_bytes=config.max_request_bytes,
                 max_image_pixels=config.max_image_pixels,
                 max_scales=config.max_scales,
+                max_extract_side_px=config.max_extract_side_px,
+                max_extract_pixels=config.max_extract_pixels,
             ),
             execution_providers=model.providers,
             fast_models=[

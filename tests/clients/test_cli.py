@@ -96,6 +96,7 @@ def test_info_names_the_model(graph: Graph, capsys) -> None:
     assert main(["info", "--gateway", graph.address]) == 0
     out = capsys.readouterr().out
     assert "model          vgg19" in out and "relu4_2" in out
+    assert "extraction     at most 4096 px a side, 4,194,304 pixels" in out
 
 
 @pytest.mark.parametrize("single_process", [False, True], ids=["processes", "single-process"])

@@ -179,6 +179,8 @@ def test_get_info_describes_model_layers_and_limits(graph: Graph) -> None:
     ]
     assert list(info.defaults.content_layers) == ["relu4_2"]
     assert info.limits.max_side_px == 512 and info.limits.max_sources == 4
+    assert info.limits.max_extract_side_px == graph.config.max_extract_side_px == 4096
+    assert info.limits.max_extract_pixels == graph.config.max_extract_pixels == 2048 * 2048
     assert "CPUExecutionProvider" in info.execution_providers
     assert info.reconstruction_device == "cpu"
 
