@@ -1,4 +1,9 @@
-"""Building the four services from their configs, alone or all in one server."""
+"""Building the four services from their configs, alone or all in one server.
+
+Each service's own libraries load only when that service is built: a gateway process never
+loads PyTorch or ONNX Runtime, and a features process never loads PyTorch
+(tests/reliability/test_modules.py reads the processes' memory maps).
+"""
 
 from __future__ import annotations
 
@@ -6,11 +11,10 @@ import errno
 import logging
 import secrets
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from pydantic import SecretStr
 
-from services.blending.servicer import blending_servicer
 from services.common.config import (
     BlendingConfig,
     FeaturesConfig,
@@ -24,13 +28,13 @@ from services.common.manifest import MANIFEST_FILE
 from services.common.metrics import ServiceMetrics
 from services.common.security import is_loopback
 from services.common.server import PortInUse, RunningServer, Servicer, Tls, start_server
-from services.features.core import FeatureExtractor, TensorRTSettings
-from services.features.fast import FastModels
-from services.features.servicer import features_servicer
 from services.gateway.core import Gateway
 from services.gateway.servicer import server_threads, style_blend_servicer
 from services.gateway.upstream import Upstreams, upstream_credentials
 from services.gateway.web import WebServer, loopback_address, start_web
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +52,10 @@ def model_folder(config: ModelConfig) -> Path:
 
 
 def build_features(config: FeaturesConfig, metrics: ServiceMetrics | None = None) -> Servicer:
+    from services.features.core import FeatureExtractor, TensorRTSettings  # ONNX Runtime
+    from services.features.fast import FastModels
+    from services.features.servicer import features_servicer
+
     tensorrt = TensorRTSettings(
         config.trt_fp16, config.trt_engine_cache_dir, config.trt_profile_sides
     )
@@ -73,10 +81,14 @@ def build_features(config: FeaturesConfig, metrics: ServiceMetrics | None = None
 
 
 def build_blending(config: BlendingConfig) -> Servicer:
+    from services.blending.servicer import blending_servicer
+
     return blending_servicer()
 
 
 def reconstruction_device(name: str) -> torch.device:
+    import torch
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
@@ -85,6 +97,8 @@ def reconstruction_device(name: str) -> torch.device:
 def build_reconstruction(
     config: ReconstructionConfig, metrics: ServiceMetrics | None = None
 ) -> Servicer:
+    import torch
+
     from export.models import load_feature_net  # PyTorch lives here and in export/ only
     from services.reconstruction.memory import MiB, Planner, device_budget
     from services.reconstruction.precision import compiled
@@ -126,6 +140,8 @@ def computing_as_configured(
 ) -> torch.nn.Module:
     """The network with the convolutions, layout and number format config asks for (not yet
     compiled: the memory planner measures it as it is)."""
+    import torch
+
     from services.reconstruction.precision import in_precision
     from services.reconstruction.winograd import convolution_for, with_winograd
 
