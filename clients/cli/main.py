@@ -1,18 +1,29 @@
-"""The `styleblend` command."""
+"""The `styleblend` command.
+
+Every command's flags are here, and its module is imported only when it runs (but for `up`'s
+port table, which costs only gRPC), so `info` and `blend` load neither ONNX Runtime nor PyTorch.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-import grpc
+from clients.cli.graph import DEFAULT_PORTS
+from clients.cli.sources import parse_source, parse_style, positive_side, unit_interval
 
-from clients.cli import graph, remote, video
-from clients.cli.recipe import RecipeError
-from clients.cli.script import ScriptError
-from clients.cli.sources import parse_source
+
+def default_gateway() -> str:
+    host = os.environ.get("STYLEBLEND_HOST", "127.0.0.1")
+    port = os.environ.get("STYLEBLEND_GATEWAY_PORT", DEFAULT_PORTS["gateway"])
+    return os.environ.get("STYLEBLEND_GATEWAY", f"{host}:{port}")
+
+
+def default_token() -> str | None:
+    return os.environ.get("STYLEBLEND_TOKEN") or None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     up = commands.add_parser("up", help="start the four services on this machine")
     up.add_argument("--single-process", action="store_true", help="host all four in one server")
     up.add_argument("--host", help="interface to listen on (STYLEBLEND_HOST, 127.0.0.1)")
-    for name, port in graph.DEFAULT_PORTS.items():
+    for name, port in DEFAULT_PORTS.items():
         up.add_argument(
             f"--{name}-port", type=int, help=f"(STYLEBLEND_{name.upper()}_PORT, {port})"
         )
@@ -79,17 +90,46 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--init", choices=("content", "noise"), help="where the optimisation starts")
     start.add_argument("--init-image", type=Path, metavar="PATH", help="start from this image")
     blend.add_argument("--preview-every", type=int, metavar="N")
-    blend.add_argument("--gateway", default=remote.default_gateway(), metavar="HOST:PORT")
+    blend.add_argument("--gateway", default=default_gateway(), metavar="HOST:PORT")
     blend.add_argument(
-        "--token", default=remote.default_token(), help="the gateway's token (STYLEBLEND_TOKEN)"
+        "--token", default=default_token(), help="the gateway's token (STYLEBLEND_TOKEN)"
     )
 
-    video.add_parser(commands)
+    video = commands.add_parser(
+        "video", help="stylise every frame of a video with a trained fast network"
+    )
+    video.add_argument("input", type=Path, help="a video (mp4, webm, mov, mkv, avi, gif, …)")
+    video.add_argument(
+        "-o", "--output", type=Path, required=True,
+        help="the stylised video, in the format its suffix names (.mp4, .webm, .gif, …), "
+        "at the input's frame rate",
+    )  # fmt: skip
+    video.add_argument(
+        "--model", type=Path, default=Path("models/fast/demo"),
+        help="a trained fast network's folder (default: models/fast/demo)",
+    )  # fmt: skip
+    video.add_argument(
+        "--style", dest="styles", action="append", type=parse_style, required=True,
+        metavar="NAME=WEIGHT", help="a style of the model and its weight; repeat to mix "
+        "(weights are normalised to sum 1; NAME alone is weight 1)",
+    )  # fmt: skip
+    video.add_argument(
+        "--strength", type=unit_interval, default=1.0, metavar="S",
+        help="0 (the clip as it is) .. 1 (all style, the default)",
+    )  # fmt: skip
+    video.add_argument(
+        "--size", type=positive_side, metavar="N",
+        help="longest side of the frames in pixels (default: the input's)",
+    )  # fmt: skip
+    video.add_argument(
+        "--temporal", type=unit_interval, default=0.0, metavar="T",
+        help="0..1: how much of the previous frame to keep where nothing moved (less flicker)",
+    )  # fmt: skip
 
     info = commands.add_parser("info", help="describe the running gateway: model, layers, limits")
-    info.add_argument("--gateway", default=remote.default_gateway(), metavar="HOST:PORT")
+    info.add_argument("--gateway", default=default_gateway(), metavar="HOST:PORT")
     info.add_argument(
-        "--token", default=remote.default_token(), help="the gateway's token (STYLEBLEND_TOKEN)"
+        "--token", default=default_token(), help="the gateway's token (STYLEBLEND_TOKEN)"
     )
 
     export = commands.add_parser("export", help="export a feature model to ONNX")
@@ -102,26 +142,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def run(args: argparse.Namespace) -> int:
+    """Runs the command, importing its module only now."""
+    if args.command == "video":
+        from clients.cli import video
+
+        return video.video(args)
+    if args.command in ("blend", "info"):
+        from clients.cli import remote
+
+        return remote.run(args)
+    from clients.cli import graph
+
+    return graph.up(args) if args.command == "up" else graph.export(args)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "blend":
+        if bool(args.sources) == bool(args.recipe):
+            raise SystemExit("styleblend blend: give --source ... or --recipe FILE (not both)")
+        if not args.fast and (args.strength is not None or args.refine):
+            raise SystemExit("styleblend blend: --strength and --refine go with --fast MODEL")
     try:
-        if args.command == "up":
-            return graph.up(args)
-        if args.command == "blend":
-            if bool(args.sources) == bool(args.recipe):
-                raise SystemExit("styleblend blend: give --source ... or --recipe FILE (not both)")
-            if not args.fast and (args.strength is not None or args.refine):
-                raise SystemExit("styleblend blend: --strength and --refine go with --fast MODEL")
-            return remote.blend(args)
-        if args.command == "info":
-            return remote.info(args)
-        if args.command == "video":
-            return video.video(args)
-        return graph.export(args)
-    except grpc.RpcError as error:
-        print(remote.explain(error, args), file=sys.stderr)
-        return 1
-    except (RecipeError, ScriptError, OSError) as error:
+        return run(args)
+    except OSError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import queue
 import sys
 from collections.abc import Callable, Iterator
@@ -25,17 +24,6 @@ _COLOURS = {
     "luminance": styleblend_pb2.PRESERVE_COLOR_LUMINANCE,
     "histogram": styleblend_pb2.PRESERVE_COLOR_HISTOGRAM,
 }
-
-
-def default_gateway() -> str:
-    host = os.environ.get("STYLEBLEND_HOST", "127.0.0.1")
-    return os.environ.get(
-        "STYLEBLEND_GATEWAY", f"{host}:{os.environ.get('STYLEBLEND_GATEWAY_PORT', 50051)}"
-    )
-
-
-def default_token() -> str | None:
-    return os.environ.get("STYLEBLEND_TOKEN") or None
 
 
 class _Bearer(
@@ -73,6 +61,18 @@ def connect(address: str, token: str | None = None) -> styleblend_pb2_grpc.Style
     if token:
         channel = grpc.intercept_channel(channel, _Bearer(token))
     return styleblend_pb2_grpc.StyleBlendStub(channel)
+
+
+def run(args: argparse.Namespace) -> int:
+    """`blend` or `info`, with the gateway's errors and bad recipes or scripts said for a person."""
+    try:
+        return blend(args) if args.command == "blend" else info(args)
+    except grpc.RpcError as error:
+        print(explain(error, args), file=sys.stderr)
+        return 1
+    except (recipe.RecipeError, script.ScriptError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
 
 
 def explain(error: grpc.RpcError, args: argparse.Namespace) -> str:

@@ -1,4 +1,8 @@
-"""Parsing `--source PATH[:style=W][:content=W][:mask=PATH][:content-mask=PATH]`."""
+"""Reading flag values: `--source PATH[:style=W][:content=W][:mask=PATH][:content-mask=PATH]`,
+`--style NAME=WEIGHT`, amounts within 0..1 and sides in pixels.
+
+Standard library only: `styleblend` builds every command's flags before it knows which runs.
+"""
 
 from __future__ import annotations
 
@@ -58,3 +62,38 @@ def parse_source(text: str) -> SourceArg:
         )
     return SourceArg(path=_file(text, path), style_weight=weights.get("style", 0.0),
                      content_weight=weights.get("content", 0.0), **maps)  # fmt: skip
+
+
+def parse_style(text: str) -> tuple[str, float]:
+    name, equals, weight = text.partition("=")
+    if not name or (equals and not weight):
+        raise argparse.ArgumentTypeError(f"{text!r}: give NAME=WEIGHT, e.g. starry=0.7")
+    try:
+        value = float(weight) if equals else 1.0
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: the weight {weight!r} is not a number"
+        ) from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: the weight must be a finite number >= 0")
+    return name, value
+
+
+def unit_interval(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= value <= 1:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"{value} is not within 0..1")
+    return value
+
+
+def positive_side(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 8:
+        raise argparse.ArgumentTypeError(f"{value} is too small: at least 8 pixels")
+    return value

@@ -24,8 +24,9 @@ from tqdm import tqdm
 
 from services.common.config import FeaturesConfig
 from services.common.errors import StyleBlendError
-from services.common.fastmodel import FAST_MANIFEST_FILE, IDENTITY
-from services.features.fast import FastStyliser
+from services.common.fastmodel import FAST_MANIFEST_FILE, IDENTITY, FastManifest
+from services.common.faststyliser import FastStyliser
+from services.common.stylemix import StyleSource, mix_styles
 
 # Frame differences above a few grey levels (0.03 ≈ 8/255) are motion; below, they are sensor
 # noise and compression, which σ must treat as still or the steadying never engages.
@@ -40,55 +41,24 @@ class VideoError(Exception):
     """A bad input or a failed read or write, said the way a person can act on it."""
 
 
-def parse_style(text: str) -> tuple[str, float]:
-    name, equals, weight = text.partition("=")
-    if not name or (equals and not weight):
-        raise argparse.ArgumentTypeError(f"{text!r}: give NAME=WEIGHT, e.g. starry=0.7")
-    try:
-        value = float(weight) if equals else 1.0
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"{text!r}: the weight {weight!r} is not a number"
-        ) from None
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: the weight must be a finite number >= 0")
-    return name, value
-
-
-def unit_interval(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 <= value <= 1:  # also refuses nan
-        raise argparse.ArgumentTypeError(f"{value} is not within 0..1")
-    return value
-
-
 def style_mix(
-    styliser: FastStyliser, styles: list[tuple[str, float]], strength: float
+    manifest: FastManifest, styles: list[tuple[str, float]], strength: float
 ) -> np.ndarray:
     """Named weights, normalised, then (1 − strength)·identity + strength·styles."""
-    manifest = styliser.manifest
     names = [style.name for style in manifest.styles]
-    mix = np.zeros(len(names), np.float32)
-    for name, weight in styles:
+    for name, _ in styles:
         if name == IDENTITY or name not in names:
             trained = ", ".join(n for n in names if n != IDENTITY)
             hint = "; --strength mixes in the clip itself" if name == IDENTITY else ""
             raise VideoError(
                 f"--style {name}: {manifest.name} has no style {name!r} ({trained}){hint}"
             )
-        mix[names.index(name)] += weight
-    if mix.sum() <= 0:
+    if sum(weight for _, weight in styles) <= 0:
         raise VideoError("--style: at least one weight must be > 0")
-    identity = manifest.identity
-    if identity is None and strength < 1:
+    if manifest.identity is None and strength < 1:
         raise VideoError(f"--strength: {manifest.name} has no identity style to mix in")
-    mix = strength * mix / mix.sum()
-    if identity is not None:
-        mix[identity] += 1 - strength
-    return mix
+    sources = [StyleSource(names.index(name), weight) for name, weight in styles]
+    return mix_styles(sources, [], len(names), manifest.identity, strength)
 
 
 def steady(
@@ -233,7 +203,7 @@ def stylise_video(args: argparse.Namespace) -> None:
             f"give one of {', '.join(OUTPUT_SUFFIXES)}"
         )
     styliser = load_model(args.model)
-    mix = style_mix(styliser, args.styles, args.strength)
+    mix = style_mix(styliser.manifest, args.styles, args.strength)
     reader, clip, frames = open_video(args.input)
 
     def stylised() -> Iterator[np.ndarray]:
@@ -271,45 +241,3 @@ def video(args: argparse.Namespace) -> int:
         return 1
     print(f"wrote {args.output}", file=sys.stderr)
     return 0
-
-
-def positive_side(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 8:
-        raise argparse.ArgumentTypeError(f"{value} is too small: at least 8 pixels")
-    return value
-
-
-def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    parser = commands.add_parser(
-        "video", help="stylise every frame of a video with a trained fast network"
-    )
-    parser.add_argument("input", type=Path, help="a video (mp4, webm, mov, mkv, avi, gif, …)")
-    parser.add_argument(
-        "-o", "--output", type=Path, required=True,
-        help=f"the stylised video ({', '.join(OUTPUT_SUFFIXES)}), at the input's frame rate",
-    )  # fmt: skip
-    parser.add_argument(
-        "--model", type=Path, default=Path("models/fast/demo"),
-        help="a trained fast network's folder (default: models/fast/demo)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--style", dest="styles", action="append", type=parse_style, required=True,
-        metavar="NAME=WEIGHT", help="a style of the model and its weight; repeat to mix "
-        "(weights are normalised to sum 1; NAME alone is weight 1)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--strength", type=unit_interval, default=1.0, metavar="S",
-        help="0 (the clip as it is) .. 1 (all style, the default)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--size", type=positive_side, metavar="N",
-        help="longest side of the frames in pixels (default: the input's)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--temporal", type=unit_interval, default=0.0, metavar="T",
-        help="0..1: how much of the previous frame to keep where nothing moved (less flicker)",
-    )  # fmt: skip

@@ -99,6 +99,42 @@ def test_info_names_the_model(graph: Graph, capsys) -> None:
     assert "extraction     at most 4096 px a side, 4,194,304 pixels" in out
 
 
+LOADED = """
+import json, sys
+from clients.cli.main import main
+for argv in json.loads(sys.argv[1]):
+    try:
+        main(argv)
+    except SystemExit:  # --help
+        pass
+print(json.dumps([name for name in ("onnxruntime", "torch") if name in sys.modules]))
+"""
+
+
+def loaded_by(*commands: list[str]) -> list[str]:
+    """ONNX Runtime and PyTorch, where running these commands in a fresh process loaded them."""
+    done = subprocess.run(
+        [sys.executable, "-c", LOADED, json.dumps(commands)],
+        cwd=ROOT, capture_output=True, text=True, check=True, timeout=60,
+    )  # fmt: skip
+    return list(json.loads(done.stdout.splitlines()[-1]))
+
+
+def test_info_and_blend_load_neither_onnx_runtime_nor_pytorch(tmp_path: Path) -> None:
+    nowhere = f"127.0.0.1:{free_port()}"
+    assert loaded_by(
+        ["--help"],
+        ["info", "--help"],
+        ["info", "--gateway", nowhere],
+        ["blend", "--source", f"{STARRY}:style=1", "-o", str(tmp_path / "x.png"),
+         "--gateway", nowhere],
+        ["video", "--help"],
+    ) == []  # fmt: skip
+    # The check sees them when a command does load them: `video` runs the network here.
+    video = ["video", "in.mp4", "-o", str(tmp_path / "out.mp4"), "--style", "starry"]
+    assert "onnxruntime" in loaded_by(video)
+
+
 @pytest.mark.parametrize("single_process", [False, True], ids=["processes", "single-process"])
 def test_up_serves_and_stops_on_sigterm(vgg19_dir: Path, single_process: bool) -> None:
     ports = {name: free_port() for name in ("gateway", "features", "blending", "reconstruction")}

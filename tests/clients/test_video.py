@@ -11,7 +11,7 @@ import pytest
 from clients.cli.main import main
 from clients.cli.video import MOTION_SCALE, steady
 from services.common.errors import InvalidArgument
-from services.features.fast import FastStyliser
+from services.common.faststyliser import FastStyliser
 
 FPS = 12
 
