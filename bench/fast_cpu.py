@@ -29,7 +29,7 @@ import onnxruntime as ort
 from PIL import Image, ImageDraw
 
 from services.common import images
-from services.features.fast import FastStyliser
+from services.common.faststyliser import FastStyliser
 
 SAMPLES = Path(__file__).resolve().parents[1] / "clients" / "samples"
 SIDES = (512, 1024)

@@ -25,6 +25,7 @@ import torch
 
 from bench.graph import ROOT, interleaved_ms, timed_ms, write_report
 from bench.large import STYLE_LAYERS, feature_net, strides, targets
+from export.onnx_export import relative_error
 from services.reconstruction import core, objective
 from services.reconstruction.winograd import with_winograd
 
@@ -104,10 +105,8 @@ def measure(size: int, repeats: int, bf16: bool = False) -> dict[str, Any]:
     reference_loss, reference_grad = variants[BASELINE]()
     for name, step in variants.items():
         loss, grad = step()
-        rows[name]["loss_relative_error"] = abs(loss - reference_loss) / abs(reference_loss)
-        rows[name]["gradient_relative_error"] = float(
-            (grad - reference_grad).norm() / reference_grad.norm()
-        )
+        rows[name]["loss_relative_error"] = relative_error(loss, reference_loss)
+        rows[name]["gradient_relative_error"] = relative_error(grad, reference_grad)
     baseline = rows[BASELINE]["median"]
     for row in rows.values():
         row["speedup"] = baseline / row["median"]

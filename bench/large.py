@@ -31,15 +31,16 @@ from PIL import Image
 
 from bench.graph import ROOT, write_report
 from services.common import images
+from services.common.manifest import layer_strides
 from services.reconstruction import core
-from services.reconstruction.memory import Footprint, MiB, estimate_bytes
+from services.reconstruction.memory import DEFAULT_TILING, Footprint, MiB, estimate_bytes
 from services.reconstruction.tiles import Tiling
 
 SAMPLES = ROOT / "clients" / "samples"
 CONTENT = SAMPLES / "content" / "astronaut.jpg"
 STYLE = SAMPLES / "style" / "starry_night.jpg"
 STYLE_LAYERS = ["relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1"]
-TILING = Tiling(tile=512, margin=64)
+TILING: Tiling = DEFAULT_TILING  # the service's; the tests shrink it
 
 
 def feature_net() -> torch.nn.Module:
@@ -58,7 +59,7 @@ def served_net() -> torch.nn.Module:
 
 
 def strides(net: Any) -> dict[str, int]:
-    return {layer.name: layer.stride for layer in net.layers}
+    return layer_strides(net.layers)
 
 
 def canvas(path: Path, side: int) -> torch.Tensor:

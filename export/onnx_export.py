@@ -25,7 +25,7 @@ from export.models import (
     model_spec,
 )
 from export.weights import read_state_dict, state_dict_sha256
-from services.common.manifest import MANIFEST_FILE, Manifest
+from services.common.manifest import MANIFEST_FILE, MIN_SIDE_PX, Manifest
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,6 @@ log = logging.getLogger(__name__)
 OPSET = 18
 # Bump when the export's layout or graph changes, so ensure_model redoes older exports.
 EXPORT_FORMAT = "1"
-MIN_SIDE_PX = 32  # the smallest side every tap of every model is defined for
 # ONNX Runtime must reproduce PyTorch to this relative error, ‖onnx − torch‖ / ‖torch‖.
 MAX_RELATIVE_ERROR = 1e-4
 # Sizes the export is checked at: batch 1 and 2, even and odd, non-square.
@@ -57,9 +56,13 @@ class TapOutputs(nn.Module):
         return tuple(found[name] for name in self.layers)
 
 
-def relative_error(got: np.ndarray, want: np.ndarray) -> float:
-    """‖got − want‖ / ‖want‖, the measure the export and its tests hold ONNX to."""
-    return float(np.linalg.norm(got - want) / max(float(np.linalg.norm(want)), 1e-30))
+def relative_error(got: Tensor | np.ndarray, want: Tensor | np.ndarray) -> float:
+    """‖got − want‖ / ‖want‖ in float64, on `got`'s device: the measure the export holds ONNX
+    to, and the tests and benchmarks one computation to another. (The losses' relative_error,
+    in services.reconstruction.objective, is the squared ratio.)"""
+    got64 = torch.as_tensor(got).detach().double()
+    want64 = torch.as_tensor(want).detach().to(got64.device, torch.float64)
+    return float((got64 - want64).norm() / want64.norm().clamp_min(1e-30))
 
 
 def _step(model_id: str, number: int, words: str) -> None:

@@ -30,7 +30,7 @@ from export.fastnet import MULTIPLE, FastStyleNet, Layout, export_onnx
 from export.models import FeatureNet, load_feature_net
 from services.common import images
 from services.common.fastmodel import IDENTITY, FastManifest, FastStyle
-from services.common.manifest import Manifest
+from services.common.manifest import MIN_SIDE_PX, Manifest
 from services.reconstruction.core import gram, relative_error, total_variation
 
 SAMPLES = Path(__file__).resolve().parents[1] / "clients" / "samples"
@@ -310,8 +310,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "-o", "--output", type=Path, required=True, help="the model folder, e.g. models/fast/demo"
     )
     args = parser.parse_args(argv)
-    if args.size % MULTIPLE or args.size < 32:
-        parser.error(f"--size must be a multiple of {MULTIPLE} and at least 32, got {args.size}")
+    if args.size % MULTIPLE or args.size < MIN_SIDE_PX:
+        parser.error(
+            f"--size must be a multiple of {MULTIPLE} and at least {MIN_SIDE_PX}, got {args.size}"
+        )
     names = [style.name for style in args.styles]
     if len(set(names)) != len(names):
         parser.error(f"style names must differ, got {names}")

@@ -7,10 +7,14 @@ for it, so the features service and the gateway stay free of it.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 MANIFEST_FILE = "manifest.json"
+# The smallest side every tap of every model is defined for: below it the deepest layers have no
+# pixels left. The export's dynamic height and width start here; services refuse smaller images.
+MIN_SIDE_PX = 32
 
 
 @dataclass(frozen=True)
@@ -30,6 +34,11 @@ class LayerInfo:
     name: str  # e.g. "relu4_2", "block3_expand"
     channels: int
     stride: int  # input pixels per feature-map pixel along each side
+
+
+def layer_strides(layers: Iterable[LayerInfo]) -> dict[str, int]:
+    """Input pixels per feature-map pixel, by layer name."""
+    return {layer.name: layer.stride for layer in layers}
 
 
 @dataclass(frozen=True)
@@ -62,6 +71,11 @@ class Manifest:
     @property
     def layer_names(self) -> tuple[str, ...]:
         return tuple(layer.name for layer in self.layers)
+
+    @property
+    def strides(self) -> dict[str, int]:
+        """Layer name → stride, the table the blending and reconstruction cores take."""
+        return layer_strides(self.layers)
 
     def layer(self, name: str) -> LayerInfo:
         for layer in self.layers:

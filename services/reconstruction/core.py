@@ -35,12 +35,14 @@ from services.reconstruction.objective import (
 from services.reconstruction.tiles import TiledObjective, Tiling
 
 __all__ = [
-    "OPTIMIZERS", "Control", "Event", "FeatureNet", "Job", "LossWeights", "Losses", "Objective",
-    "Preview", "Progress", "Result", "ScaleTargets", "StyleChannel", "Tiling", "Update",
+    "LBFGS_HISTORY", "OPTIMIZERS", "Control", "Event", "FeatureNet", "Job", "LossWeights",
+    "Losses", "Objective", "Preview", "Progress", "Result", "ScaleTargets", "StyleChannel",
+    "Tiling", "Update",
     "gram", "guided_gram", "reconstruct", "relative_error", "total_variation",
 ]  # fmt: skip
 
 OPTIMIZERS = ("lbfgs", "adam")
+LBFGS_HISTORY = 50  # (s, y) pairs L-BFGS keeps of its curvature
 
 
 @dataclass(frozen=True)
@@ -182,7 +184,7 @@ def start_image(job: Job, device: torch.device) -> torch.Tensor:
 def make_optimizer(job: Job, image: torch.Tensor) -> torch.optim.Optimizer:
     if job.optimizer == "lbfgs":
         # One closure evaluation per step, so an iteration is one forward and backward pass.
-        return torch.optim.LBFGS([image], lr=1.0, max_iter=1, history_size=50)
+        return torch.optim.LBFGS([image], lr=1.0, max_iter=1, history_size=LBFGS_HISTORY)
     return torch.optim.Adam([image], lr=job.learning_rate)
 
 

@@ -18,15 +18,15 @@ from pathlib import Path
 
 import torch
 
+from services.common.config import TILE_MARGIN_PX, TILE_PX
 from services.common.errors import ResourceExhausted
-from services.reconstruction.core import Job
+from services.reconstruction.core import LBFGS_HISTORY, Job
 from services.reconstruction.objective import FeatureNet, gram, guided_gram
 from services.reconstruction.tiles import Tiling
 from services.reconstruction.winograd import workspace_of
 
 MiB = 1024 * 1024
-LBFGS_HISTORY = 50  # core.make_optimizer's history_size
-DEFAULT_TILING = Tiling(tile=512, margin=64)
+DEFAULT_TILING = Tiling(tile=TILE_PX, margin=TILE_MARGIN_PX)
 
 
 @dataclass(frozen=True)

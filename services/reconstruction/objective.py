@@ -94,6 +94,8 @@ def guided_gram(features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def relative_error(value: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """‖value − target‖² / ‖target‖², the loss terms' measure: squared, unlike
+    export.onnx_export.relative_error, which compares one computation with another."""
     return (value - target).pow(2).sum() / target.pow(2).sum().clamp_min(1e-12)
 
 

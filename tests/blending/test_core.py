@@ -4,8 +4,9 @@ import re
 import numpy as np
 import pytest
 
-from services.blending.core import Region, SourceFeatures, StyleSource, blend_targets, mix_styles
+from services.blending.core import SourceFeatures, blend_targets
 from services.common.errors import InvalidArgument
+from services.common.stylemix import Region, StyleSource, mix_styles
 
 rng = np.random.default_rng(0)
 
@@ -159,6 +160,16 @@ def test_style_mix_per_pixel_from_maps_and_regions_with_the_identity_where_no_st
     mixed = mix_styles(sources, regions, styles=3, identity=0, strength=1.0, size=(8, 4))
     np.testing.assert_allclose(mixed[:, 0, 7], [0, 0, 1])
     np.testing.assert_allclose(mixed.sum(axis=0), 1.0, rtol=1e-6)
+
+
+def test_a_network_without_an_identity_takes_strength_1_and_a_style_everywhere() -> None:
+    sources = [StyleSource(0, 1.0), StyleSource(1, 3.0)]
+    mix = mix_styles(sources, [], styles=2, identity=None, strength=1.0)
+    np.testing.assert_allclose(mix, [0.25, 0.75])
+    with pytest.raises(InvalidArgument, match="no identity style"):
+        mix_styles(sources, [], styles=2, identity=None, strength=0.5)
+    with pytest.raises(InvalidArgument, match="no identity style"):
+        mix_styles([StyleSource(0, 0.0)], [], styles=2, identity=None, strength=1.0)
 
 
 @pytest.mark.parametrize(

@@ -19,6 +19,7 @@ from export.models import (
     load_feature_net,
 )
 from export.weights import state_dict_sha256
+from services.common.manifest import layer_strides
 
 IDS = ("vgg19", "efficientnet-lite0")
 
@@ -50,7 +51,8 @@ def test_vgg19_taps_are_named_as_in_gatys() -> None:
         "relu4_1", "relu4_2", "relu4_3", "relu4_4",
         "relu5_1", "relu5_2", "relu5_3", "relu5_4",
     )  # fmt: skip
-    assert [layer.stride for layer in net.layers][::4] == [1, 4, 8, 16]
+    by_block = {name: 2 ** (int(name[4]) - 1) for name in net.layer_names}  # relu{block}_{n}
+    assert layer_strides(net.layers) == by_block  # each block's pooling halves the side
 
 
 def test_efficientnet_taps() -> None:

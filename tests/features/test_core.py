@@ -9,14 +9,8 @@ import torch
 
 from services.common import images
 from services.common.errors import FailedPrecondition, InvalidArgument
-from services.features.core import (
-    FeatureExtractor,
-    TensorRTSettings,
-    choose_providers,
-    cut_to,
-    gram,
-    session_providers,
-)
+from services.common.providers import TensorRTSettings, choose_providers, session_providers
+from services.features.core import FeatureExtractor, cut_to, gram
 from tests.conftest import sample
 
 

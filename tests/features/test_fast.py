@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from services.common.errors import InvalidArgument
-from services.features.fast import FastStyliser
+from services.common.faststyliser import FastStyliser
 
 
 @pytest.fixture(scope="module")

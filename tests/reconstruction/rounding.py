@@ -19,14 +19,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from export.models import FeatureNet
+from export.onnx_export import relative_error
 
 UNIT_ROUNDOFF = 2.0**-24  # float32's: every result is rounded by up to this, relatively
 
 Loss = Callable[[dict[str, torch.Tensor]], torch.Tensor]
-
-
-def relative(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).norm() / b.double().norm())
 
 
 def every_relu_to(net: FeatureNet, deepest: str) -> list[str]:
@@ -70,6 +67,6 @@ def errors_against_float64(
     taps = model(pixels, every_relu_to(reference, layers[-1]))
     (grad,) = torch.autograd.grad(loss(taps), pixels)
     exact, exact_grad = on_the_same_routes(reference, image, taps, loss)
-    return [relative(taps[name].detach(), exact[name]) for name in layers], relative(
+    return [relative_error(taps[name], exact[name]) for name in layers], relative_error(
         grad, exact_grad
     )

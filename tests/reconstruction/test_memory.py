@@ -18,7 +18,7 @@ from services.common.errors import ResourceExhausted
 from services.graph import build_reconstruction, computing_as_configured
 from services.reconstruction.memory import Budget, Footprint, MiB, Planner, estimate_bytes
 from services.reconstruction.tiles import Tiling
-from tests.conftest import Graph, address, serve, start_gateway
+from tests.conftest import INTERNAL_TOKEN, Graph, address, serve, start_gateway
 from tests.gateway.test_graph import events, small_blend, source
 from tests.reconstruction.test_core import CPU, job_for, scale_for
 
@@ -102,8 +102,9 @@ def blend_with_budget(graph: Graph, models: Path, budget_mib: int) -> list[pb.Bl
     """A 128 px blend through the shared graph's features and blending, and a reconstruction
     service of its own with this memory budget and 32 px tiles."""
     config = ReconstructionConfig(
-        model_dir=models, device="cpu", memory_budget_mib=budget_mib, tile_px=32, tile_margin_px=16
-    )
+        model_dir=models, device="cpu", memory_budget_mib=budget_mib, tile_px=32,
+        tile_margin_px=16, blending_address=address(graph.blending), internal_token=INTERNAL_TOKEN,
+    )  # fmt: skip
     reconstruction = serve(build_reconstruction(config))
     gateway, _ = start_gateway(
         {

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from export.onnx_export import relative_error
 from services.reconstruction import core
 from services.reconstruction.tiles import TiledObjective, Tiling, layout
 from tests.reconstruction.test_core import (
@@ -102,12 +103,8 @@ def test_tiles_with_full_context_add_up_to_the_whole_content_and_smoothness(
     exact = loss_and_gradient(
         core.Objective(copy.deepcopy(net).double(), targets, weights, STRIDES, CPU), image.double()
     )
-    rounding = max(relative(whole[2], exact[2]), 2.0**-24)
-    assert relative(quarters[2], whole[2]) < 5 * rounding
-
-
-def relative(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).norm() / b.double().norm())
+    rounding = max(relative_error(whole[2], exact[2]), 2.0**-24)
+    assert relative_error(quarters[2], whole[2]) < 5 * rounding
 
 
 def test_without_context_the_tiles_differ_from_the_whole(net: torch.nn.Module) -> None:

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from export.onnx_export import relative_error
 from services.reconstruction.memory import Footprint
 from services.reconstruction.winograd import (
     WinogradConv2d,
@@ -20,7 +21,7 @@ from services.reconstruction.winograd import (
     with_winograd,
     workspace_of,
 )
-from tests.reconstruction.rounding import UNIT_ROUNDOFF, errors_against_float64, relative
+from tests.reconstruction.rounding import UNIT_ROUNDOFF, errors_against_float64
 
 pytestmark = pytest.mark.skipif(not nnpack_available(), reason="this PyTorch has no NNPACK")
 
@@ -98,9 +99,9 @@ def test_values_and_the_image_gradient_are_the_direct_convolutions(bias: bool) -
         (grad,) = torch.autograd.grad(out, image, upstream.to(out.dtype))
         grads.append((out.detach(), grad))
     (direct, direct_grad), (fast, fast_grad), (exact, exact_grad) = grads
-    assert within_winograds_rounding(relative(fast, exact), relative(direct, exact))
+    assert within_winograds_rounding(relative_error(fast, exact), relative_error(direct, exact))
     assert within_winograds_rounding(
-        relative(fast_grad, exact_grad), relative(direct_grad, exact_grad)
+        relative_error(fast_grad, exact_grad), relative_error(direct_grad, exact_grad)
     )
     assert not torch.equal(fast, direct)  # another algorithm, so it did run: rounding differs
 
