@@ -56,18 +56,18 @@ from styleblend.v1 import styleblend_pb2_grpc
 from export.models import load_feature_net
 from services.common import images
 from services.common.config import (
-    BlendingConfig,
     FeaturesConfig,
     GatewayConfig,
     ReconstructionConfig,
 )
-from services.common.server import RunningServer, Servicer, start_server
 from services.features.core import FeatureExtractor
+from services.features.servicer import FeaturesServicer
 from services.gateway.core import Gateway
 from services.gateway.servicer import style_blend_servicer
 from services.gateway.upstream import ReconstructCall, Upstreams
-from services.graph import build_blending, build_features, build_reconstruction, model_folder
+from services.graph import model_folder, start_local_graph
 from services.reconstruction import core
+from services.reconstruction.servicer import ReconstructionServicer
 from services.reconstruction.winograd import with_winograd
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -248,59 +248,49 @@ class MeteredUpstreams(Upstreams):
         return MeteredCall(super().reconstruct(counted()), self.meter)
 
 
-def _serve(servicer: Servicer, max_message_bytes: int = 64 * MiB) -> RunningServer:
-    return start_server(
-        lambda _: [servicer], address="127.0.0.1:0", max_message_bytes=max_message_bytes
-    )
-
-
 class Graph:
     """The four services on loopback in this process, as tests/conftest.py starts them."""
 
     def __init__(self, settings: Settings, fast_dir: Path) -> None:
-        models = settings.model_dir
-        threads = settings.threads
-        features_servicer = build_features(
+        models, threads = settings.model_dir, settings.threads
+        recon_config = ReconstructionConfig(
+            model=settings.model, model_dir=models, device="cpu", threads=threads
+        )
+        self.meter = Meter()
+        self.local = start_local_graph(
             FeaturesConfig(
                 model=settings.model,
                 model_dir=models,
                 fast_model_dir=fast_dir,
                 providers=(CPU,),
                 intra_op_threads=threads,
-            )
+            ),
+            recon_config,
+            GatewayConfig(
+                gateway_port=0, max_side_px=max(1024, *settings.sizes), max_iterations=100_000
+            ),
+            gateway_servicer=lambda config: style_blend_servicer(
+                Gateway(config, MeteredUpstreams(config, self.meter))
+            ),
         )
-        self.extractor: FeatureExtractor = features_servicer.servicer.extractor  # type: ignore[attr-defined]
-        self.features = _serve(features_servicer)
-        self.blending = _serve(build_blending(BlendingConfig()))
-        recon_config = ReconstructionConfig(
-            model=settings.model, model_dir=models, device="cpu", threads=threads
-        )
-        recon = build_reconstruction(recon_config)
-        self.reconstruction = _serve(recon)
-        self.net: core.FeatureNet = recon.servicer.net  # type: ignore[attr-defined]
+        features = self.local.servicers["features"].servicer
+        recon = self.local.servicers["reconstruction"].servicer
+        assert isinstance(features, FeaturesServicer)
+        assert isinstance(recon, ReconstructionServicer)
+        self.extractor: FeatureExtractor = features.extractor
+        self.net: core.FeatureNet = recon.net
         self.model_folder = model_folder(recon_config)
-        self.strides: dict[str, int] = recon.servicer.strides  # type: ignore[attr-defined]
-        config = GatewayConfig(
-            gateway_port=0,
-            features_address=f"127.0.0.1:{self.features.port}",
-            blending_address=f"127.0.0.1:{self.blending.port}",
-            reconstruction_address=f"127.0.0.1:{self.reconstruction.port}",
-            max_side_px=max(1024, *settings.sizes),
-            max_iterations=100_000,
-        )
-        self.meter = Meter()
-        gateway = style_blend_servicer(Gateway(config, MeteredUpstreams(config, self.meter)))
-        self.gateway = _serve(gateway, config.max_request_bytes)
+        self.strides: dict[str, int] = recon.strides
+        self.targets = recon.blending  # where the reconstruction fetches its targets
         self.channel = grpc.insecure_channel(
-            f"127.0.0.1:{self.gateway.port}",
+            self.local.address("gateway"),
             options=[("grpc.max_receive_message_length", 64 * MiB)],
         )
         self.stub = styleblend_pb2_grpc.StyleBlendStub(self.channel)
 
     def stop(self) -> None:
         self.channel.close()
-        for server in (self.gateway, self.reconstruction, self.blending, self.features):
-            server.stop(0)
+        self.local.stop()
 
 
 def quiesce(timeout_s: float = 120.0) -> None:
@@ -434,7 +424,7 @@ def iteration_times(
         graph_loss = trace.of("result")[-1][1].result.stats.final_losses.total
         quiesce()
         assert graph.meter.last_job is not None
-        job = to_core_job(graph.meter.last_job)
+        job = to_core_job(graph, graph.meter.last_job)
         reset_peak_rss()
         stamps, bare_loss = bare_loop(graph.net, job, graph.strides)
         bare_peak.append(peak_rss_mib())
@@ -454,10 +444,11 @@ def iteration_times(
     }
 
 
-def to_core_job(message: reconstruction_pb2.ReconstructJob) -> core.Job:
+def to_core_job(graph: Graph, message: reconstruction_pb2.ReconstructJob) -> core.Job:
+    """The job as the reconstruction service sees it: its targets fetched from blending."""
     from services.reconstruction.servicer import to_job
 
-    return to_job(message)
+    return to_job(message, graph.targets)
 
 
 def bare_loop(

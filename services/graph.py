@@ -10,11 +10,14 @@ from __future__ import annotations
 import errno
 import logging
 import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pydantic import SecretStr
 
+from services.common.channels import BlendedTargets, FeatureTensors, upstream_credentials
 from services.common.config import (
     BlendingConfig,
     FeaturesConfig,
@@ -26,15 +29,16 @@ from services.common.config import (
 from services.common.errors import FailedPrecondition
 from services.common.manifest import MANIFEST_FILE
 from services.common.metrics import ServiceMetrics
-from services.common.security import is_loopback
+from services.common.security import is_loopback, loopback_address
 from services.common.server import PortInUse, RunningServer, Servicer, Tls, start_server
 from services.gateway.core import Gateway
 from services.gateway.servicer import server_threads, style_blend_servicer
-from services.gateway.upstream import Upstreams, upstream_credentials
-from services.gateway.web import WebServer, loopback_address, start_web
+from services.gateway.upstream import Upstreams
 
 if TYPE_CHECKING:
     import torch
+
+    from services.gateway.web import WebServer
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +56,8 @@ def model_folder(config: ModelConfig) -> Path:
 
 
 def build_features(config: FeaturesConfig, metrics: ServiceMetrics | None = None) -> Servicer:
-    from services.features.core import FeatureExtractor, TensorRTSettings  # ONNX Runtime
+    from services.common.providers import TensorRTSettings
+    from services.features.core import FeatureExtractor  # ONNX Runtime
     from services.features.fast import FastModels
     from services.features.servicer import features_servicer
 
@@ -77,13 +82,19 @@ def build_features(config: FeaturesConfig, metrics: ServiceMetrics | None = None
         max_side_px=config.max_extract_side_px,
         max_pixels=config.max_extract_pixels,
     )
-    return features_servicer(extractor, fast, metrics)
+    return features_servicer(extractor, fast, metrics, config.image_store_bytes)
 
 
 def build_blending(config: BlendingConfig) -> Servicer:
+    """Blending fetches the sources' tensors from the features service at features_address."""
     from services.blending.servicer import blending_servicer
 
-    return blending_servicer()
+    return blending_servicer(
+        FeatureTensors(config, config.features_address),
+        config.image_store_bytes,
+        config.target_store_bytes,
+        config.source_cache_bytes,
+    )
 
 
 def reconstruction_device(name: str) -> torch.device:
@@ -132,7 +143,8 @@ def build_reconstruction(
     log.info("memory budget %d MiB, %d px tiles beyond it", budget.total // MiB, config.tile_px)
     log.info("network in %s, torch.compile %s", config.precision, config.compile)
     net = compiled(net, device, config.compile)
-    return reconstruction_servicer(net, manifest, device, metrics, planner)
+    blending = BlendedTargets(config, config.blending_address)  # where its targets come from
+    return reconstruction_servicer(net, manifest, device, metrics, planner, blending)
 
 
 def computing_as_configured(
@@ -259,6 +271,8 @@ def _start(
 def start_studio(gateway: GatewayConfig, grpc_port: int) -> WebServer:
     """The browser studio, in the gateway's process, bridged to its gRPC port; over TLS with
     the upstream CA (and client certificate) when the gateway serves TLS."""
+    from services.gateway.web import start_web  # aiohttp: the gateway's extra
+
     try:
         return start_web(
             gateway.host,
@@ -275,17 +289,21 @@ def start_studio(gateway: GatewayConfig, grpc_port: int) -> WebServer:
         raise
 
 
+Inner = Callable[[str, SecretStr], list[Servicer]]
+
+
 def serve_all_in_one(
     gateway: GatewayConfig,
-    inner: list[Servicer] | None = None,
+    inner: Inner | None = None,
     metrics: ServiceMetrics | None = None,
 ) -> RunningServer:
-    """All four servicers in one server on the gateway's port; the gateway calls itself.
+    """All four servicers in one server on the gateway's port; the services call each other,
+    and the gateway them, on that port, as they would across processes.
 
-    `inner`: the features, blending and reconstruction servicers, when already built (else
-    they are, from the environment). The internal methods sit on the public port, so they
-    always ask for the internal secret, made here when the config has none; the public ones
-    ask for the gateway's token when there is one."""
+    `inner(own address, secret)`: the features, blending and reconstruction servicers wired
+    to that address (by default built from the environment). The internal methods sit on the
+    public port, so they always ask for the internal secret, made here when the config has
+    none; the public ones ask for the gateway's token when there is one."""
     tls = tls_of(gateway)
     if tls is not None and gateway.upstream_ca_file is None:
         raise FailedPrecondition(
@@ -293,13 +311,8 @@ def serve_all_in_one(
             "to the CA that signed STYLEBLEND_TLS_CERT_FILE"
         )
     metrics = metrics or ServiceMetrics("all")
-    if inner is None:
-        inner = [
-            build_features(FeaturesConfig(), metrics),
-            build_blending(BlendingConfig()),
-            build_reconstruction(ReconstructionConfig(), metrics),
-        ]
-    secret = gateway.internal_secret or secrets.token_urlsafe(32)
+    secret = SecretStr(gateway.internal_secret or secrets.token_urlsafe(32))
+    build_inner = inner or (lambda own, token: inner_from_environment(own, token, metrics))
 
     def wire_to(port: int) -> list[Servicer]:
         own = loopback_address(gateway.host, port)
@@ -308,10 +321,10 @@ def serve_all_in_one(
                 "features_address": own,
                 "blending_address": own,
                 "reconstruction_address": own,
-                "internal_token": SecretStr(secret),
+                "internal_token": secret,
             }
         )
-        return [*inner, build_gateway(wired, metrics)]
+        return [*build_inner(own, secret), build_gateway(wired, metrics)]
 
     return start_server(
         wire_to,
@@ -321,7 +334,86 @@ def serve_all_in_one(
         max_workers=server_threads(gateway, internal_services=True),
         tls=tls,
         token=token_of(gateway),
-        internal_token=secret,
+        internal_token=secret.get_secret_value(),
         metrics=metrics,
         metrics_port=gateway.gateway_metrics_port,
     )
+
+
+def inner_from_environment(
+    own: str, secret: SecretStr, metrics: ServiceMetrics | None = None
+) -> list[Servicer]:
+    """Features, blending and reconstruction from STYLEBLEND_*, calling each other at `own`."""
+    return [
+        build_features(FeaturesConfig(), metrics),
+        build_blending(BlendingConfig(features_address=own, internal_token=secret)),
+        build_reconstruction(
+            ReconstructionConfig(blending_address=own, internal_token=secret), metrics
+        ),
+    ]
+
+
+@dataclass
+class LocalGraph:
+    """The four services, each on its own loopback server in this process (tests, benches)."""
+
+    servers: dict[str, RunningServer]  # by service name
+    servicers: dict[str, Servicer]
+    gateway_config: GatewayConfig
+
+    def address(self, name: str) -> str:
+        return f"127.0.0.1:{self.servers[name].port}"
+
+    def stop(self) -> None:
+        for name in reversed(SERVICES):
+            self.servers[name].stop(0)
+
+
+def start_local_graph(
+    features: FeaturesConfig,
+    reconstruction: ReconstructionConfig,
+    gateway: GatewayConfig,
+    *,
+    internal_token: str | None = None,
+    metrics: dict[str, ServiceMetrics] | None = None,
+    gateway_servicer: Callable[[GatewayConfig], Servicer] | None = None,
+    max_message_bytes: int = 64 * 1024 * 1024,
+) -> LocalGraph:
+    """Start features, blending, reconstruction and the gateway on free loopback ports, each
+    wired to the ones it calls, sharing `internal_token`. `gateway_servicer(config)` builds the
+    gateway (by default `build_gateway`)."""
+    metrics = metrics or {name: ServiceMetrics(name) for name in SERVICES}
+    token = SecretStr(internal_token) if internal_token else None
+    servers: dict[str, RunningServer] = {}
+    servicers: dict[str, Servicer] = {}
+
+    def serve(name: str, servicer: Servicer, limit: int = max_message_bytes) -> str:
+        servicers[name] = servicer
+        servers[name] = start_server(
+            lambda _: [servicer],
+            address="127.0.0.1:0",
+            max_message_bytes=limit,
+            metrics=metrics[name],
+            internal_token=internal_token if name != "gateway" else None,
+        )
+        return f"127.0.0.1:{servers[name].port}"
+
+    own = serve("features", build_features(features, metrics["features"]))
+    blends = serve(
+        "blending", build_blending(BlendingConfig(features_address=own, internal_token=token))
+    )
+    wired = reconstruction.model_copy(update={"blending_address": blends, "internal_token": token})
+    rebuilds = serve("reconstruction", build_reconstruction(wired, metrics["reconstruction"]))
+    config = gateway.model_copy(
+        update={
+            "features_address": own,
+            "blending_address": blends,
+            "reconstruction_address": rebuilds,
+            "internal_token": token,
+        }
+    )
+    build = gateway_servicer or (
+        lambda wired_config: build_gateway(wired_config, metrics["gateway"])
+    )
+    serve("gateway", build(config), config.max_request_bytes)
+    return LocalGraph(servers, servicers, config)

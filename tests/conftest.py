@@ -12,7 +12,6 @@ import pytest
 from styleblend.v1 import styleblend_pb2_grpc
 
 from services.common.config import (
-    BlendingConfig,
     FeaturesConfig,
     GatewayConfig,
     ReconstructionConfig,
@@ -20,7 +19,7 @@ from services.common.config import (
 from services.common.metrics import ServiceMetrics
 from services.common.server import RunningServer, Servicer, start_server
 from services.features.core import FeatureExtractor
-from services.graph import build_blending, build_features, build_gateway, build_reconstruction
+from services.graph import build_gateway, start_local_graph
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "clients" / "samples"
@@ -174,33 +173,23 @@ def start_gateway(upstreams: dict[str, str], **limits: int) -> tuple[RunningServ
 @pytest.fixture(scope="session")
 def graph(vgg19_dir: Path, fast_model_dir: Path) -> Iterator[Graph]:
     models = vgg19_dir.parent
-    metrics = {name: ServiceMetrics(name) for name in ("features", "blending", "reconstruction")}
-    features_servicer = build_features(
+    local = start_local_graph(
         FeaturesConfig(model="vgg19", model_dir=models, fast_model_dir=fast_model_dir.parent),
-        metrics["features"],
-    )
-    features = serve(features_servicer, metrics=metrics["features"])
-    blending_servicer = build_blending(BlendingConfig())
-    blending = serve(blending_servicer, metrics=metrics["blending"])
-    reconstruction_servicer = build_reconstruction(
         ReconstructionConfig(model="vgg19", model_dir=models, device="cpu"),
-        metrics["reconstruction"],
+        GatewayConfig(
+            gateway_port=0,
+            upstream_timeout_s=5.0,
+            max_side_px=512,
+            max_sources=4,
+            max_iterations=500,
+            max_request_bytes=2 * MiB,
+        ),
+        internal_token=INTERNAL_TOKEN,
     )
-    reconstruction = serve(reconstruction_servicer, metrics=metrics["reconstruction"])
-    upstreams = {
-        "features": address(features),
-        "blending": address(blending),
-        "reconstruction": address(reconstruction),
-    }
-    gateway, config = start_gateway(
-        upstreams, max_side_px=512, max_sources=4, max_iterations=500, max_request_bytes=2 * MiB
-    )
-    extractor = features_servicer.servicer.extractor  # type: ignore[attr-defined]
-    servicers = {
-        "features": features_servicer,
-        "blending": blending_servicer,
-        "reconstruction": reconstruction_servicer,
-    }
-    yield Graph(features, blending, reconstruction, gateway, config, extractor, servicers)
-    for server in (gateway, reconstruction, blending, features):
-        server.stop(0)
+    servers = local.servers
+    extractor = local.servicers["features"].servicer.extractor  # type: ignore[attr-defined]
+    yield Graph(
+        servers["features"], servers["blending"], servers["reconstruction"], servers["gateway"],
+        local.gateway_config, extractor, local.servicers,
+    )  # fmt: skip
+    local.stop()

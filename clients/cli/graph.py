@@ -59,8 +59,8 @@ def export(args: argparse.Namespace) -> int:
 def _health_channel(address: str) -> grpc.Channel:
     """Plain, or TLS with the gateway's upstream CA (and client certificate) when the services
     serve TLS, as the gateway itself reaches them."""
+    from services.common.channels import upstream_credentials
     from services.common.config import GatewayConfig
-    from services.gateway.upstream import upstream_credentials
 
     config = GatewayConfig()
     credentials = upstream_credentials(config) if config.tls_cert_file else None

@@ -11,6 +11,9 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from services.common.manifest import MIN_SIDE_PX
+from services.common.providers import TENSORRT_SIDES
+
 MiB = 1024 * 1024
 _METRICS = "Prometheus metrics over HTTP on this port; 0 picks a free one; unset: none"
 # The largest image the features service runs the model on, per side and in all; the gateway
@@ -20,6 +23,15 @@ EXTRACT_SIDE_PX = 4096
 EXTRACT_PIXELS = 2048 * 2048
 _EXTRACT_SIDE = "longest side of an image the features service extracts, in pixels"
 _EXTRACT_PIXELS = "most pixels (width × height) of an image the features service extracts"
+# Tiles, when a canvas does not fit the reconstruction's memory whole: side and context.
+TILE_PX = 512
+TILE_MARGIN_PX = 64
+# What the features and blending services keep for references: the images callers sent
+# (sent again by sha256 only), blending's targets and the source tensors it fetched.
+IMAGE_STORE_BYTES = 128 * MiB
+TARGET_STORE_BYTES = 256 * MiB
+SOURCE_CACHE_BYTES = 256 * MiB
+_IMAGE_STORE = "memory for images callers sent, so they send each once"
 # ONNX Runtime's CPU memory arena: keep (its default; RSS stays at the largest run's), shrink
 # (handed back after each run), off (plain malloc, and malloc_trim after each run).
 CpuArena = Literal["keep", "shrink", "off"]
@@ -50,6 +62,21 @@ class ServiceConfig(BaseSettings):
         description="secret the gateway sends and the internal services require; "
         "`styleblend up` makes a new one each start",
     )
+    upstream_timeout_s: float = Field(30.0, gt=0, description="deadline of one upstream call")
+    # TLS to the services this one calls (the gateway: all three; blending: features;
+    # reconstruction: blending; the studio's bridge: the gateway): a CA turns it on; a client
+    # certificate and key answer servers that ask for one (mutual TLS).
+    upstream_ca_file: Path | None = Field(None, description="CA that signs the services' certs")
+    upstream_cert_file: Path | None = Field(None, description="client certificate chain (PEM)")
+    upstream_key_file: Path | None = Field(None, description="client private key (PEM)")
+
+    @model_validator(mode="after")
+    def _upstream_pair(self) -> ServiceConfig:
+        if (self.upstream_cert_file is None) != (self.upstream_key_file is None):
+            raise ValueError("upstream_cert_file and upstream_key_file go together")
+        if self.upstream_cert_file is not None and self.upstream_ca_file is None:
+            raise ValueError("upstream_cert_file needs upstream_ca_file (TLS to the services)")
+        return self
 
     @model_validator(mode="after")
     def _tls_pair(self) -> ServiceConfig:
@@ -86,8 +113,9 @@ class FeaturesConfig(ModelConfig):
         "CPUExecutionProvider",
     )
     cache_bytes: int = Field(512 * MiB, ge=0, description="memory budget of the feature cache")
-    max_extract_side_px: int = Field(EXTRACT_SIDE_PX, ge=32, description=_EXTRACT_SIDE)
-    max_extract_pixels: int = Field(EXTRACT_PIXELS, ge=32 * 32, description=_EXTRACT_PIXELS)
+    image_store_bytes: int = Field(IMAGE_STORE_BYTES, ge=0, description=_IMAGE_STORE)
+    max_extract_side_px: int = Field(EXTRACT_SIDE_PX, ge=MIN_SIDE_PX, description=_EXTRACT_SIDE)
+    max_extract_pixels: int = Field(EXTRACT_PIXELS, ge=MIN_SIDE_PX**2, description=_EXTRACT_PIXELS)
     cpu_arena: CpuArena = Field(
         "off", description="ONNX Runtime's CPU arena: keep, shrink or off (memory given back)"
     )
@@ -100,7 +128,7 @@ class FeaturesConfig(ModelConfig):
         Path("models/trt-cache"), description="where TensorRT keeps built engines; unset: none"
     )
     trt_profile_sides: tuple[int, int, int] = Field(
-        (32, 512, 2048), description="TensorRT profile: smallest, usual and largest side"
+        TENSORRT_SIDES, description="TensorRT profile: smallest, usual and largest side"
     )
 
     @field_validator("providers", mode="before")
@@ -114,11 +142,22 @@ class FeaturesConfig(ModelConfig):
 class BlendingConfig(ServiceConfig):
     blending_port: int = Field(50053, ge=0, le=65535)
     blending_metrics_port: int | None = Field(None, ge=0, le=65535, description=_METRICS)
+    features_address: str = Field("127.0.0.1:50052", description="where blending fetches tensors")
+    image_store_bytes: int = Field(IMAGE_STORE_BYTES, ge=0, description=_IMAGE_STORE)
+    target_store_bytes: int = Field(
+        TARGET_STORE_BYTES, ge=0, description="memory for blended targets, kept for reconstruction"
+    )
+    source_cache_bytes: int = Field(
+        SOURCE_CACHE_BYTES, ge=0, description="memory for tensors fetched from features"
+    )
 
 
 class ReconstructionConfig(ModelConfig):
     reconstruction_port: int = Field(50054, ge=0, le=65535)
     reconstruction_metrics_port: int | None = Field(None, ge=0, le=65535, description=_METRICS)
+    blending_address: str = Field(
+        "127.0.0.1:50053", description="where reconstruction fetches its targets"
+    )
     device: str = Field("auto", description='"auto" (CUDA when there is one), "cpu" or "cuda:N"')
     threads: int = Field(0, ge=0, description="PyTorch CPU threads; 0 = its default")
     channels_last: bool = Field(
@@ -127,8 +166,10 @@ class ReconstructionConfig(ModelConfig):
     memory_budget_mib: int = Field(
         0, ge=0, description="memory all runs together may use; 0 = ¾ of the device's (or RAM)"
     )
-    tile_px: int = Field(512, ge=32, description="tile side when a canvas is over the budget")
-    tile_margin_px: int = Field(64, ge=0, description="context around each tile")
+    tile_px: int = Field(
+        TILE_PX, ge=MIN_SIDE_PX, description="tile side when a canvas is over the budget"
+    )
+    tile_margin_px: int = Field(TILE_MARGIN_PX, ge=0, description="context around each tile")
     precision: Precision = Field(
         "float32", description="the network's autocast format; losses stay float32"
     )
@@ -152,14 +193,8 @@ class GatewayConfig(ServiceConfig):
     features_address: str = "127.0.0.1:50052"
     blending_address: str = "127.0.0.1:50053"
     reconstruction_address: str = "127.0.0.1:50054"
-    upstream_timeout_s: float = Field(30.0, gt=0, description="deadline of one upstream call")
-    # TLS to the internal services (and from the studio's bridge to the gateway): a CA turns it
-    # on; a client certificate and key answer servers that ask for one (mutual TLS).
-    upstream_ca_file: Path | None = Field(None, description="CA that signs the services' certs")
-    upstream_cert_file: Path | None = Field(None, description="client certificate chain (PEM)")
-    upstream_key_file: Path | None = Field(None, description="client private key (PEM)")
     # Limits: over any of them a request is RESOURCE_EXHAUSTED.
-    max_side_px: int = Field(1024, ge=32)
+    max_side_px: int = Field(1024, ge=MIN_SIDE_PX)
     max_sources: int = Field(8, ge=1)
     max_iterations: int = Field(2000, ge=1)
     max_request_bytes: int = Field(64 * MiB, gt=0)
@@ -169,8 +204,8 @@ class GatewayConfig(ServiceConfig):
     upload_bytes_per_client: int | None = Field(
         None, ge=0, description="the part of the upload store one client may fill; unset: ¼ of it"
     )
-    max_extract_side_px: int = Field(EXTRACT_SIDE_PX, ge=32, description=_EXTRACT_SIDE)
-    max_extract_pixels: int = Field(EXTRACT_PIXELS, ge=32 * 32, description=_EXTRACT_PIXELS)
+    max_extract_side_px: int = Field(EXTRACT_SIDE_PX, ge=MIN_SIDE_PX, description=_EXTRACT_SIDE)
+    max_extract_pixels: int = Field(EXTRACT_PIXELS, ge=MIN_SIDE_PX**2, description=_EXTRACT_PIXELS)
     max_sessions: int = Field(32, ge=1, description="Blend and Session calls running at once")
     max_sessions_per_client: int = Field(4, ge=1, description="the same, from one client")
     session_start_timeout_s: float = Field(
@@ -181,7 +216,7 @@ class GatewayConfig(ServiceConfig):
         (), description="web origins besides the studio's own that may use its API and socket"
     )
     # Defaults for unset request fields.
-    default_side_px: int = Field(256, ge=32)
+    default_side_px: int = Field(256, ge=MIN_SIDE_PX)
     default_iterations: int = Field(150, ge=1)
     default_preview_every: int = Field(10, ge=1)
     default_learning_rate: float = Field(0.02, gt=0)
@@ -193,14 +228,6 @@ class GatewayConfig(ServiceConfig):
             origins = (origin.strip().rstrip("/") for origin in value.split(","))
             return tuple(origin for origin in origins if origin)
         return value
-
-    @model_validator(mode="after")
-    def _upstream_pair(self) -> GatewayConfig:
-        if (self.upstream_cert_file is None) != (self.upstream_key_file is None):
-            raise ValueError("upstream_cert_file and upstream_key_file go together")
-        if self.upstream_cert_file is not None and self.upstream_ca_file is None:
-            raise ValueError("upstream_cert_file needs upstream_ca_file (TLS to the services)")
-        return self
 
     @model_validator(mode="after")
     def _defaults_within_limits(self) -> GatewayConfig:

@@ -44,3 +44,16 @@ class Unauthenticated(StyleBlendError):
     """No valid credentials."""
 
     code = 16
+
+
+class NotHeld(FailedPrecondition):
+    """A reference to something a service no longer keeps (evicted, or never sent to it).
+
+    `kind` ("image", "tensor" or "targets") travels as trailing metadata, so a caller can send
+    the bytes again or recompute, instead of parsing the message."""
+
+    METADATA_KEY = "styleblend-not-held"
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind

@@ -212,3 +212,13 @@ class SessionSlots:
             yield release
         finally:
             release()
+
+
+WILDCARD_HOSTS = ("", "0.0.0.0", "::", "[::]")  # listening on every interface
+
+
+def loopback_address(host: str, port: int) -> str:
+    """Where the bridge dials a gateway that listens on host:port, from the same machine."""
+    if host in WILDCARD_HOSTS:  # listening everywhere includes loopback
+        return f"127.0.0.1:{port}"
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"

@@ -35,6 +35,8 @@ def status_of(error: errors.StyleBlendError) -> grpc.StatusCode:
 
 
 def _abort(context: grpc.ServicerContext, error: Exception, method: str) -> None:
+    if isinstance(error, errors.NotHeld):
+        context.set_trailing_metadata(((errors.NotHeld.METADATA_KEY, error.kind),))
     if isinstance(error, errors.StyleBlendError):
         context.abort(status_of(error), str(error))
     # context.abort raises a bare Exception after setting the code: let it through untouched.

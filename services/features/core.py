@@ -18,12 +18,22 @@ from cachetools import LRUCache
 
 from services.common import colour, images
 from services.common.config import EXTRACT_PIXELS, EXTRACT_SIDE_PX, CpuArena
-from services.common.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
-from services.common.manifest import Manifest
+from services.common.errors import (
+    InvalidArgument,
+    NotHeld,
+    ResourceExhausted,
+)
+from services.common.manifest import MIN_SIDE_PX, Manifest
+from services.common.providers import (
+    DEFAULT_TENSORRT,
+    TensorRTSettings,
+    choose_providers,
+    session_providers,
+)
+from services.common.store import content_key
 
 log = logging.getLogger(__name__)
 
-MIN_SIDE_PX = 32  # below this the deepest layers of the models have no pixels left
 SESSIONS = 4  # sets of taps kept ready: style, content, both, and one more
 
 
@@ -46,63 +56,6 @@ def gram(features: np.ndarray) -> np.ndarray:
     return (flat @ flat.T) / flat.shape[1]
 
 
-def choose_providers(wanted: Sequence[str], available: Sequence[str]) -> list[str]:
-    """The wanted providers that this ONNX Runtime offers, in the wanted order."""
-    chosen = [name for name in wanted if name in available]
-    if not chosen:
-        raise FailedPrecondition(
-            f"none of the execution providers {list(wanted)} is available; "
-            f"this ONNX Runtime offers {list(available)}"
-        )
-    return chosen
-
-
-@dataclass(frozen=True)
-class TensorRTSettings:
-    """fp16, an engine cache (building an engine takes minutes), and one optimisation profile
-    from the smallest to the largest square side served, tuned for the usual one."""
-
-    fp16: bool = True
-    engine_cache: Path | None = None
-    sides: tuple[int, int, int] = (32, 512, 2048)  # min, opt, max
-
-
-DEFAULT_TENSORRT = TensorRTSettings()
-Shapes = Callable[[int], dict[str, tuple[int, ...]]]  # the inputs' shapes at a square side
-
-
-def session_providers(
-    chosen: Sequence[str], tensorrt: TensorRTSettings, shapes: Shapes
-) -> list[str | tuple[str, dict[str, str]]]:
-    """The chosen providers, TensorRT with its options (ONNX Runtime takes them as strings)."""
-
-    def profile(side: int) -> str:
-        return ",".join(
-            f"{name}:{'x'.join(map(str, shape))}" for name, shape in shapes(side).items()
-        )
-
-    providers: list[str | tuple[str, dict[str, str]]] = []
-    for name in chosen:
-        if name != "TensorrtExecutionProvider":
-            providers.append(name)
-            continue
-        low, usual, high = tensorrt.sides
-        options = {
-            "trt_fp16_enable": str(tensorrt.fp16),
-            "trt_profile_min_shapes": profile(low),
-            "trt_profile_opt_shapes": profile(usual),
-            "trt_profile_max_shapes": profile(high),
-        }
-        if tensorrt.engine_cache is not None:
-            options |= {
-                "trt_engine_cache_enable": "True",
-                "trt_engine_cache_path": str(tensorrt.engine_cache),
-                "trt_timing_cache_enable": "True",
-            }
-        providers.append((name, options))
-    return providers
-
-
 def cut_to(model: onnx.ModelProto, input_name: str, taps: Sequence[str]) -> onnx.ModelProto:
     """The part of `model` that computes `taps` from its input, with only them as outputs."""
     return onnx.utils.Extractor(model).extract_model([input_name], list(taps))
@@ -116,6 +69,9 @@ class Extraction:
     grams: dict[str, np.ndarray]
     features: dict[str, np.ndarray]
     cached: bool  # True when nothing had to be run
+    gram_keys: dict[str, str]  # layer -> the key `tensors` finds its Gram matrix by
+    feature_keys: dict[str, str]
+    kept: bool  # every tensor is in the cache (false when one is larger than its budget)
 
 
 def check_run_size(width: int, height: int, max_side_px: int, max_pixels: int) -> None:
@@ -176,8 +132,9 @@ class FeatureExtractor:
         self.providers: list[str] = self.session_for(defaults).get_providers()
         log.info("model %s on ONNX Runtime, providers %s", self.manifest.model, self.providers)
         self.forward_passes = 0  # runs of the model, for tests and the benchmark
-        # (image sha256, width, height, colour transform, "gram" | "features", layer) -> array
-        self._cache: LRUCache[tuple[str, int, int, str, str, str], np.ndarray] = LRUCache(
+        # content_key(model, weights, image sha256, width, height, colour transform, "gram" |
+        # "features", layer) -> array: the key is also the tensor's name for `tensors`
+        self._cache: LRUCache[str, np.ndarray] = LRUCache(
             maxsize=cache_bytes, getsizeof=lambda array: array.nbytes
         )
         self._lock = threading.Lock()
@@ -238,7 +195,9 @@ class FeatureExtractor:
         self.check_layers(gram_layers, "gram_layers")
         self.check_layers(feature_layers, "feature_layers")
         self.check_size(width, height)
-        key = (
+        made = (
+            self.manifest.model,
+            self.manifest.weights_sha256,
             images.sha256(image),
             width,
             height,
@@ -246,7 +205,8 @@ class FeatureExtractor:
         )
         wanted = [("gram", name) for name in gram_layers]
         wanted += [("features", name) for name in feature_layers]
-        found = self._lookup(key, wanted)
+        keys = {(kind, name): content_key(*made, kind, name) for kind, name in wanted}
+        found = self._lookup(keys)
         missing = [(kind, name) for kind, name in wanted if (kind, name) not in found]
         if missing:
             pixels = images.to_canvas(image, width, height)
@@ -257,26 +217,44 @@ class FeatureExtractor:
                     if color == "luminance"
                     else colour.match_colour(pixels, reference)
                 )
-            found.update(self._run(pixels, key, missing))
+            found.update(self._run(pixels, {tensor: keys[tensor] for tensor in missing}))
+        with self._lock:
+            kept = all(key in self._cache for key in keys.values())
         return Extraction(
             grams={name: found[("gram", name)] for name in gram_layers},
             features={name: found[("features", name)] for name in feature_layers},
             cached=not missing,
+            gram_keys={name: keys[("gram", name)] for name in gram_layers},
+            feature_keys={name: keys[("features", name)] for name in feature_layers},
+            kept=kept,
         )
 
-    def _lookup(
-        self, key: tuple[str, int, int, str], wanted: list[tuple[str, str]]
-    ) -> dict[tuple[str, str], np.ndarray]:
+    def clear_cache(self) -> None:
+        """Drop every kept tensor, as a restarted service holds none."""
         with self._lock:
-            return {
-                (kind, name): self._cache[(*key, kind, name)]
-                for kind, name in wanted
-                if (*key, kind, name) in self._cache
-            }
+            self._cache.clear()
+
+    def tensors(self, keys: Sequence[str]) -> dict[str, np.ndarray]:
+        """The tensors an extraction named by these keys; NotHeld for one evicted since."""
+        with self._lock:
+            found = {key: self._cache[key] for key in keys if key in self._cache}
+        gone = [key for key in keys if key not in found]
+        if gone:
+            raise NotHeld(
+                "tensor",
+                f"{len(gone)} of {len(keys)} tensors (first {gone[0][:12]}…) are no longer "
+                "held by the features service; extract them again",
+            )
+        return found
+
+    def _lookup(self, keys: dict[tuple[str, str], str]) -> dict[tuple[str, str], np.ndarray]:
+        with self._lock:
+            return {tensor: self._cache[key] for tensor, key in keys.items() if key in self._cache}
 
     def _run(
-        self, pixels: np.ndarray, key: tuple[str, int, int, str], wanted: list[tuple[str, str]]
+        self, pixels: np.ndarray, keys: dict[tuple[str, str], str]
     ) -> dict[tuple[str, str], np.ndarray]:
+        wanted = list(keys)
         batch = np.ascontiguousarray(pixels.transpose(2, 0, 1)[None])
         layers = sorted({name for _, name in wanted})
         session = self.session_for(layers)
@@ -296,7 +274,7 @@ class FeatureExtractor:
             malloc_trim()
         with self._lock:
             self.forward_passes += 1
-            for (kind, name), array in results.items():
+            for tensor, array in results.items():
                 if array.nbytes <= self._cache.maxsize:
-                    self._cache[(*key, kind, name)] = array
+                    self._cache[keys[tensor]] = array
         return results

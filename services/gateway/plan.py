@@ -15,9 +15,8 @@ from services.common import images
 from services.common.config import GatewayConfig
 from services.common.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from services.common.fastmodel import FastManifest
-from services.common.manifest import Manifest
+from services.common.manifest import MIN_SIDE_PX, Manifest
 
-MIN_SIDE_PX = 32
 AUTO_SCALE_SIDE_PX = 256  # coarse-to-fine adds a scale for each doubling above this
 STYLE_SCALE_RANGE = (0.25, 4.0)
 # Weights and loss weights reach float32 as products: β·Σᵢsᵢ (up to max_sources weights) times

@@ -15,20 +15,21 @@ import logging
 import queue
 import threading
 import weakref
-from collections.abc import Iterator
-from typing import Protocol
+from collections.abc import Callable, Iterator
+from typing import Protocol, TypeVar
 
 from styleblend.internal.v1 import blending_pb2, features_pb2, reconstruction_pb2
 from styleblend.v1 import styleblend_pb2
 
 from services.common import images
 from services.common.config import GatewayConfig
-from services.common.errors import FailedPrecondition, StyleBlendError, Unavailable
+from services.common.errors import FailedPrecondition, NotHeld, StyleBlendError, Unavailable
 from services.common.manifest import Manifest
-from services.gateway.plan import Plan, PlannedSource, Scale, Uploads, apply_update
+from services.gateway.plan import Plan, PlannedImage, PlannedSource, Scale, Uploads, apply_update
 from services.gateway.recipe import RECIPE_KEY, recipe_json
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 _END = object()
 _FINISH = styleblend_pb2.SessionUpdate()  # queued behind the updates: the fast path's finish
@@ -79,7 +80,7 @@ class BlendRun:
         self.upstreams = upstreams
         self.config = config
         self.uploads = uploads
-        self.strides = {layer.name: layer.stride for layer in manifest.layers}
+        self.strides = manifest.strides
         self._outbox: queue.Queue[object] = queue.Queue()
         self._controls: queue.Queue[object] = queue.Queue()
         self._work: queue.Queue[styleblend_pb2.SessionUpdate] = queue.Queue()
@@ -223,8 +224,18 @@ class BlendRun:
             self._stream = stream = self.upstreams.reconstruct(self._requests(job))
         threading.Thread(target=self._work_on_updates, daemon=True, name="gateway-updates").start()
         for response in stream:
-            self._outbox.put(response.event)
+            if response.event.HasField("update_rejected"):
+                self._refused_upstream(response.event.update_rejected)
+            else:
+                self._outbox.put(response.event)
         self._outbox.put(_END)
+
+    def _refused_upstream(self, rejected: styleblend_pb2.UpdateRejected) -> None:
+        """Reconstruction could not take an update (its targets were evicted from blending)."""
+        with self._plans_lock:
+            update = self._received.get(rejected.update_id)
+        if update is not None:
+            self._refuse(update, FailedPrecondition(rejected.message))
 
     def _work_on_updates(self) -> None:
         while not self._cancelled.is_set():
@@ -395,79 +406,95 @@ class BlendRun:
     def _stylised(self, plan: Plan) -> bytes:
         """The network's image for this plan: the style mix from blending, the pixels from it."""
         assert plan.fast is not None and plan.content_source is not None
-        canvas = plan.canvas
-        mix = self.upstreams.mix_styles(
-            blending_pb2.MixStylesRequest(
+        fast, canvas, content = plan.fast, plan.canvas, plan.content_source.image
+
+        def mix_request(inline: bool) -> blending_pb2.MixStylesRequest:
+            return blending_pb2.MixStylesRequest(
                 sources=[
                     blending_pb2.StyleSource(
                         style=style,
                         style_weight=source.style_weight,
-                        style_map=source.style_map.data if source.style_map else b"",
+                        style_map=_bytes(source.style_map, inline),
+                        style_map_sha256=_sha256(source.style_map),
                     )
-                    for source, style in zip(plan.sources, plan.fast.styles, strict=True)
+                    for source, style in zip(plan.sources, fast.styles, strict=True)
                 ],
-                regions=[
-                    blending_pb2.RegionWeights(
-                        mask=region.mask.data, style_weights=region.style_weights
-                    )
-                    for region in plan.regions
-                ],
-                styles=len(plan.fast.model.styles),
-                identity=plan.fast.identity,
-                strength=plan.fast.strength,
+                regions=_regions(plan, inline),
+                styles=len(fast.model.styles),
+                identity=fast.identity,
+                strength=fast.strength,
                 width_px=canvas.width,
                 height_px=canvas.height,
             )
-        ).mix
-        return self.upstreams.stylise(
-            features_pb2.StyliseRequest(
-                model=plan.fast.model.name,
-                image=plan.content_source.image.data,
-                width_px=canvas.width,
-                height_px=canvas.height,
-                mix=mix,
-                keep_chrominance=plan.preserve_color == _LUMINANCE,
+
+        mix = sent_once(lambda inline: self.upstreams.mix_styles(mix_request(inline))).mix
+        return sent_once(
+            lambda inline: self.upstreams.stylise(
+                features_pb2.StyliseRequest(
+                    model=fast.model.name,
+                    image=_bytes(content, inline),
+                    image_sha256=content.sha256,
+                    width_px=canvas.width,
+                    height_px=canvas.height,
+                    mix=mix,
+                    keep_chrominance=plan.preserve_color == _LUMINANCE,
+                )
             )
         ).image
 
-    # --- targets -----------------------------------------------------------------------------
+    # --- targets, by reference ----------------------------------------------------------------
     def _scale_targets(self, plan: Plan) -> list[reconstruction_pb2.ScaleTargets]:
         return [self._targets_at(plan, scale) for scale in plan.scales]
 
     def _targets_at(self, plan: Plan, scale: Scale) -> reconstruction_pb2.ScaleTargets:
-        blended = self.upstreams.blend_targets(
-            blending_pb2.BlendTargetsRequest(
-                sources=[self._features(plan, source, scale) for source in plan.sources],
-                regions=[
-                    blending_pb2.RegionWeights(
-                        mask=region.mask.data, style_weights=region.style_weights
-                    )
-                    for region in plan.regions
-                ],
-                width_px=scale.width,
-                height_px=scale.height,
-                layer_strides={name: self.strides[name] for name in plan.content_layers},
-            )
-        )
+        """The key blending keeps this scale's targets under: features keeps the sources'
+        tensors and blending fetches them itself, so only keys and weights pass through here.
+        A tensor evicted in between is extracted again, once."""
+        try:
+            key = self._blended(plan, scale)
+        except NotHeld as error:
+            if error.kind != "tensor":
+                raise
+            key = self._blended(plan, scale)
         return reconstruction_pb2.ScaleTargets(
             width_px=scale.width,
             height_px=scale.height,
             iterations=scale.iterations,
-            channels=blended.channels,
-            features=blended.features,
-            content_weights=blended.content_weights,
+            targets_key=key,
         )
+
+    def _blended(self, plan: Plan, scale: Scale) -> str:
+        keyed = [self._features(plan, source, scale) for source in plan.sources]
+
+        def request(inline: bool) -> blending_pb2.BlendTargetsRequest:
+            sources = []
+            for source, keys in zip(plan.sources, keyed, strict=True):
+                message = blending_pb2.SourceFeatures()
+                message.CopyFrom(keys)
+                message.style_map = _bytes(source.style_map, inline)
+                message.style_map_sha256 = _sha256(source.style_map)
+                message.content_map = _bytes(source.content_map, inline)
+                message.content_map_sha256 = _sha256(source.content_map)
+                sources.append(message)
+            return blending_pb2.BlendTargetsRequest(
+                sources=sources,
+                regions=_regions(plan, inline),
+                width_px=scale.width,
+                height_px=scale.height,
+                layer_strides={name: self.strides[name] for name in plan.content_layers},
+                by_reference=True,
+            )
+
+        return sent_once(lambda inline: self.upstreams.blend_targets(request(inline))).key
 
     def _features(
         self, plan: Plan, source: PlannedSource, scale: Scale
     ) -> blending_pb2.SourceFeatures:
+        """A source's weights and the keys of its tensors at the features service."""
         features = blending_pb2.SourceFeatures(
-            style_weight=source.style_weight,
-            content_weight=source.content_weight,
-            style_map=source.style_map.data if source.style_map else b"",
-            content_map=source.content_map.data if source.content_map else b"",
+            style_weight=source.style_weight, content_weight=source.content_weight
         )
-        reference = plan.content_source.image.data if plan.content_source else b""
+        content = plan.content_source.image if plan.content_source else None
         if self._styled(plan, source):
             width, height = plan.style_size(source, scale)
             color: int = features_pb2.COLOR_TRANSFORM_UNSPECIFIED
@@ -475,10 +502,8 @@ class BlendRun:
                 color = features_pb2.COLOR_TRANSFORM_LUMINANCE
             elif plan.preserve_color == _HISTOGRAM:
                 color = features_pb2.COLOR_TRANSFORM_MATCH
-            extracted = self._extract(
-                source, width, height, plan.style_layers, [], color, reference
-            )
-            features.grams.MergeFrom(extracted.grams)
+            extracted = self._extract(source, width, height, plan.style_layers, [], color, content)
+            features.gram_keys.update(extracted.gram_keys)
         if source.content_weight > 0:
             # Luminance mode optimises a grey image: its content is the source's own luminance.
             luminance = plan.preserve_color == _LUMINANCE
@@ -487,11 +512,11 @@ class BlendRun:
                 if luminance
                 else features_pb2.COLOR_TRANSFORM_UNSPECIFIED
             )
-            own = source.image.data if luminance else b""
+            own = source.image if luminance else None
             extracted = self._extract(
                 source, scale.width, scale.height, [], plan.content_layers, color, own
             )
-            features.features.MergeFrom(extracted.features)
+            features.feature_keys.update(extracted.feature_keys)
         return features
 
     def _styled(self, plan: Plan, source: PlannedSource) -> bool:
@@ -506,17 +531,24 @@ class BlendRun:
         gram_layers: tuple[str, ...] | list[str],
         feature_layers: tuple[str, ...] | list[str],
         color: int,
-        reference: bytes,
+        reference: PlannedImage | None,
     ) -> features_pb2.ExtractResponse:
-        return self.upstreams.extract(
-            features_pb2.ExtractRequest(
-                image=source.image.data,
-                width_px=width,
-                height_px=height,
-                gram_layers=gram_layers,
-                feature_layers=feature_layers,
-                color=color,  # type: ignore[arg-type]
-                color_reference=reference if color else b"",
+        """The keys of a source's tensors; features runs the model only when it holds none."""
+        reference = reference if color else None
+        return sent_once(
+            lambda inline: self.upstreams.extract(
+                features_pb2.ExtractRequest(
+                    image=_bytes(source.image, inline),
+                    image_sha256=source.image.sha256,
+                    width_px=width,
+                    height_px=height,
+                    gram_layers=gram_layers,
+                    feature_layers=feature_layers,
+                    color=color,  # type: ignore[arg-type]
+                    color_reference=_bytes(reference, inline),
+                    color_reference_sha256=_sha256(reference),
+                    by_reference=True,
+                )
             )
         )
 
@@ -547,6 +579,36 @@ class BlendRun:
             if luminance and plan.content_source
             else b"",
         )
+
+
+def sent_once(send: Callable[[bool], T]) -> T:
+    """`send(inline)`: images go by their sha256; a service that does not hold one (a new
+    replica, or one that evicted it) gets their bytes, once."""
+    try:
+        return send(False)
+    except NotHeld as error:
+        if error.kind != "image":
+            raise
+        return send(True)
+
+
+def _bytes(image: PlannedImage | None, inline: bool) -> bytes:
+    return image.data if image is not None and inline else b""
+
+
+def _sha256(image: PlannedImage | None) -> str:
+    return image.sha256 if image is not None else ""
+
+
+def _regions(plan: Plan, inline: bool) -> list[blending_pb2.RegionWeights]:
+    return [
+        blending_pb2.RegionWeights(
+            mask=_bytes(region.mask, inline),
+            mask_sha256=region.mask.sha256,
+            style_weights=region.style_weights,
+        )
+        for region in plan.regions
+    ]
 
 
 class Runs:

@@ -16,35 +16,17 @@ from styleblend.internal.v1 import (
     reconstruction_pb2_grpc,
 )
 
-from services.common import errors, logs, security
+from services.common import logs
+from services.common.channels import (
+    channel_options,
+    domain_error,
+    internal_metadata,
+    open_channel,
+    upstream_credentials,
+)
 from services.common.config import GatewayConfig
 
 T = TypeVar("T")
-
-_PASSED_ON: dict[grpc.StatusCode, type[errors.StyleBlendError]] = {
-    grpc.StatusCode.INVALID_ARGUMENT: errors.InvalidArgument,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: errors.ResourceExhausted,
-    grpc.StatusCode.FAILED_PRECONDITION: errors.FailedPrecondition,
-}
-
-
-def domain_error(error: grpc.RpcError, service: str, address: str) -> Exception:
-    """What the gateway's caller should see for an upstream failure."""
-    code = error.code() if isinstance(error, grpc.Call) else grpc.StatusCode.UNKNOWN
-    details = error.details() if isinstance(error, grpc.Call) else str(error)
-    if code in _PASSED_ON:
-        return _PASSED_ON[code](details or "")
-    if code == grpc.StatusCode.UNAUTHENTICATED:  # the graph's fault, not the caller's
-        return errors.FailedPrecondition(
-            f"the {service} service at {address} refused the gateway ({details}); give the "
-            "gateway the same STYLEBLEND_INTERNAL_TOKEN as the internal services"
-        )
-    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-        return errors.Unavailable(
-            f"the {service} service at {address} is unavailable ({code.name}: {details}); "
-            f"start the graph with `styleblend up`"
-        )
-    return RuntimeError(f"{service} service failed: {code.name}: {details}")
 
 
 class ReconstructCall:
@@ -65,23 +47,6 @@ class ReconstructCall:
         self._call.cancel()
 
 
-def upstream_credentials(config: GatewayConfig) -> grpc.ChannelCredentials | None:
-    """TLS to the services when the config names their CA (with a client certificate: mutual)."""
-    if config.upstream_ca_file is None:
-        return None
-    return security.channel_credentials(
-        config.upstream_ca_file, config.upstream_cert_file, config.upstream_key_file
-    )
-
-
-def open_channel(
-    address: str, credentials: grpc.ChannelCredentials | None, options: list[tuple[str, object]]
-) -> grpc.Channel:
-    if credentials is None:
-        return grpc.insecure_channel(address, options=options)
-    return grpc.secure_channel(address, credentials, options=options)
-
-
 class Upstreams:
     """Channels to features, blending and reconstruction, from the gateway's config.
 
@@ -92,17 +57,7 @@ class Upstreams:
 
     def __init__(self, config: GatewayConfig) -> None:
         self.config = config
-        options: list[tuple[str, object]] = [
-            ("grpc.max_receive_message_length", config.max_message_bytes),
-            ("grpc.max_send_message_length", config.max_message_bytes),
-            # With a `dns:///name-headless:port` target every replica is a backend and calls
-            # spread over them; a Reconstruct stream is one call, so it stays on one replica.
-            ("grpc.lb_policy_name", "round_robin"),
-            # A restarted service is found again within a second; gRPC's default backoff
-            # grows to two minutes, refusing calls all that time though the service is back.
-            ("grpc.initial_reconnect_backoff_ms", 200),
-            ("grpc.max_reconnect_backoff_ms", 1000),
-        ]
+        options = channel_options(config)
         credentials = upstream_credentials(config)
         self._channels = [
             open_channel(address, credentials, options)
@@ -112,10 +67,7 @@ class Upstreams:
                 config.reconstruction_address,
             )
         ]
-        secret = config.internal_secret
-        self.metadata: tuple[tuple[str, str], ...] = (
-            ((security.AUTHORIZATION, f"Bearer {secret}"),) if secret else ()
-        )
+        self.metadata: tuple[tuple[str, str], ...] = internal_metadata(config)
         self.features = features_pb2_grpc.FeaturesServiceStub(self._channels[0])
         self.blending = blending_pb2_grpc.BlendingServiceStub(self._channels[1])
         self.reconstruction = reconstruction_pb2_grpc.ReconstructionServiceStub(self._channels[2])
@@ -172,6 +124,13 @@ class Upstreams:
         # No deadline: a run lasts as long as its iterations; a down service still fails fast.
         call = self.reconstruction.Reconstruct(requests, metadata=self.metadata)
         return ReconstructCall(call, self.config.reconstruction_address)
+
+    def fetch_targets(
+        self, request: blending_pb2.FetchTargetsRequest
+    ) -> blending_pb2.BlendTargetsResponse:
+        return self._unary(
+            "blending", self.config.blending_address, self.blending.FetchTargets, request
+        )
 
     def close(self) -> None:
         for channel in self._channels:

@@ -35,7 +35,11 @@ from google.protobuf.message import Message
 from styleblend.v1 import styleblend_pb2, styleblend_pb2_grpc
 from yarl import URL
 
-from services.common.security import AUTHORIZATION, CLIENT_KEY
+from services.common.security import (
+    AUTHORIZATION,
+    CLIENT_KEY,
+    WILDCARD_HOSTS,
+)
 
 if TYPE_CHECKING:
     from styleblend.v1.styleblend_pb2_grpc import StyleBlendAsyncStub
@@ -51,7 +55,6 @@ UNARY_TIMEOUT_S = 30.0  # GetInfo and UploadImage answer at once unless the gate
 # A SessionRequest's JSON nests six deep (update, regions, region, mask, …); no frame needs more.
 MAX_FRAME_DEPTH = 32
 SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
-_WILDCARD_HOSTS = ("", "0.0.0.0", "::", "[::]")
 
 # What a unary call's status means to a browser; anything else is a bad gateway.
 _HTTP_STATUS = {
@@ -62,13 +65,6 @@ _HTTP_STATUS = {
     grpc.StatusCode.UNAVAILABLE: 503,
     grpc.StatusCode.DEADLINE_EXCEEDED: 504,
 }
-
-
-def loopback_address(host: str, port: int) -> str:
-    """Where the bridge dials a gateway that listens on host:port, from the same machine."""
-    if host in _WILDCARD_HOSTS:  # listening everywhere includes loopback
-        return f"127.0.0.1:{port}"
-    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
 
 
 def to_json(message: Message) -> str:
@@ -166,7 +162,7 @@ class Origins:
     """
 
     def __init__(self, listen_host: str, extra: Iterable[str] = ()) -> None:
-        self.listen_host = "" if listen_host in _WILDCARD_HOSTS else listen_host.strip("[]").lower()
+        self.listen_host = "" if listen_host in WILDCARD_HOSTS else listen_host.strip("[]").lower()
         self.extra = {origin for text in extra if (origin := origin_of(text.rstrip("/")))}
 
     def allows(self, origin: str | None, scheme: str, host: str) -> bool:

@@ -10,11 +10,12 @@ import contextvars
 import logging
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Protocol
 
 import grpc
 import torch
-from styleblend.internal.v1 import reconstruction_pb2, reconstruction_pb2_grpc
+from styleblend.internal.v1 import blending_pb2, reconstruction_pb2, reconstruction_pb2_grpc
 from styleblend.v1 import styleblend_pb2
 
 from services.common import images, wire
@@ -30,8 +31,25 @@ _DONE = object()
 log = logging.getLogger(__name__)
 
 
-def to_scale(message: reconstruction_pb2.ScaleTargets, index: int) -> core.ScaleTargets:
+class TargetSource(Protocol):
+    """Where targets named by key come from: the blending service (channels.BlendedTargets)."""
+
+    def targets(self, key: str) -> blending_pb2.BlendTargetsResponse: ...
+
+
+def to_scale(
+    message: reconstruction_pb2.ScaleTargets, index: int, blending: TargetSource | None = None
+) -> core.ScaleTargets:
+    """One scale's targets: as the message carries them, or fetched by their key."""
     what = f"scales[{index}]"
+    targets: reconstruction_pb2.ScaleTargets | blending_pb2.BlendTargetsResponse = message
+    if message.targets_key:
+        if blending is None:
+            raise FailedPrecondition(
+                f"{what}.targets_key: this reconstruction service has no blending service to "
+                "fetch targets from (STYLEBLEND_BLENDING_ADDRESS)"
+            )
+        targets = blending.targets(message.targets_key)
     return core.ScaleTargets(
         width=message.width_px,
         height=message.height_px,
@@ -44,17 +62,19 @@ def to_scale(message: reconstruction_pb2.ScaleTargets, index: int) -> core.Scale
                 grams=wire.from_layer_tensors(c.grams, f"{what}.channels[{k}].grams"),
                 scale=c.scale,
             )
-            for k, c in enumerate(message.channels)
+            for k, c in enumerate(targets.channels)
         ],
-        features=wire.from_layer_tensors(message.features, f"{what}.features"),
-        content_weights=wire.from_layer_tensors(message.content_weights, f"{what}.content_weights"),
+        features=wire.from_layer_tensors(targets.features, f"{what}.features"),
+        content_weights=wire.from_layer_tensors(targets.content_weights, f"{what}.content_weights"),
     )
 
 
-def to_job(start: reconstruction_pb2.ReconstructJob) -> core.Job:
+def to_job(
+    start: reconstruction_pb2.ReconstructJob, blending: TargetSource | None = None
+) -> core.Job:
     if start.optimizer not in _OPTIMIZERS:
         raise InvalidArgument(f"optimizer: {start.optimizer} is not LBFGS or ADAM")
-    scales = [to_scale(scale, i) for i, scale in enumerate(start.scales)]
+    scales = [to_scale(scale, i, blending) for i, scale in enumerate(start.scales)]
     if not scales:
         raise InvalidArgument("scales: at least one scale is needed")
     first = scales[0]
@@ -83,10 +103,12 @@ def to_job(start: reconstruction_pb2.ReconstructJob) -> core.Job:
     )
 
 
-def to_update(message: reconstruction_pb2.ReconstructUpdate) -> core.Update:
+def to_update(
+    message: reconstruction_pb2.ReconstructUpdate, blending: TargetSource | None = None
+) -> core.Update:
     return core.Update(
         update_id=message.update_id,
-        scales=[to_scale(scale, i) for i, scale in enumerate(message.scales)],
+        scales=[to_scale(scale, i, blending) for i, scale in enumerate(message.scales)],
         loss_weights=core.LossWeights(
             message.content_loss_weight, message.style_loss_weight, message.tv_loss_weight
         ),
@@ -142,9 +164,14 @@ def event_message(event: core.Event) -> styleblend_pb2.BlendEvent:
     )
 
 
-def in_background(events: Iterator[core.Event], control: core.Control) -> Iterator[core.Event]:
-    """Run `events` on its own thread; closing this iterator cancels it."""
-    handover: queue.Queue[object] = queue.Queue()
+def in_background(
+    events: Iterator[core.Event],
+    control: core.Control,
+    handover: queue.Queue[object] | None = None,
+) -> Iterator[object]:
+    """Run `events` on its own thread; closing this iterator cancels it. What others put on
+    `handover` meanwhile comes out in turn."""
+    handover = handover if handover is not None else queue.Queue()
 
     def pump() -> None:
         try:
@@ -163,7 +190,7 @@ def in_background(events: Iterator[core.Event], control: core.Control) -> Iterat
         while (item := handover.get()) is not _DONE:
             if isinstance(item, BaseException):
                 raise item
-            yield item  # type: ignore[misc]
+            yield item
     finally:
         control.cancel.set()
 
@@ -176,12 +203,14 @@ class ReconstructionServicer(reconstruction_pb2_grpc.ReconstructionServiceServic
         device: torch.device,
         metrics: ServiceMetrics | None = None,
         planner: Planner | None = None,
+        blending: TargetSource | None = None,
     ) -> None:
         self.net = net
+        self.blending = blending
         self.planner = planner or Planner(net, device, device_budget(device))
         self.manifest = manifest
         self.device = device
-        self.strides = {layer.name: layer.stride for layer in manifest.layers}
+        self.strides = manifest.strides
         metrics = metrics or ServiceMetrics("reconstruction")
         self.active = metrics.gauge(
             "styleblend_reconstruction_active_sessions", "Reconstruct streams running now"
@@ -203,12 +232,13 @@ class ReconstructionServicer(reconstruction_pb2_grpc.ReconstructionServiceServic
         if first is None or not first.HasField("start"):
             raise InvalidArgument("the first message must carry `start`")
         self.check_model(first.start)
-        job, reservation = self.planner.plan(to_job(first.start))
+        job, reservation = self.planner.plan(to_job(first.start, self.blending))
         control = core.Control()
         context.add_callback(control.cancel.set)
+        handover: queue.Queue[object] = queue.Queue()
         threading.Thread(
             target=contextvars.copy_context().run,
-            args=(follow, request_iterator, control),
+            args=(follow, request_iterator, control, self.blending, handover.put),
             daemon=True,
             name="session-follow",
         ).start()
@@ -219,7 +249,11 @@ class ReconstructionServicer(reconstruction_pb2_grpc.ReconstructionServiceServic
             reservation.nbytes // MiB,
         )  # fmt: skip
         with reservation, self.active.track_inprogress():
-            for event in in_background(events, control):
+            for event in in_background(events, control, handover):
+                if isinstance(event, styleblend_pb2.BlendEvent):  # an update follow() refused
+                    yield reconstruction_pb2.ReconstructResponse(event=event)
+                    continue
+                assert isinstance(event, core.Progress | core.Preview | core.Result)
                 if isinstance(event, core.Progress):
                     self.iterations.inc()
                     self.iterations_per_second.set(event.iterations_per_second)
@@ -245,9 +279,14 @@ class ReconstructionServicer(reconstruction_pb2_grpc.ReconstructionServiceServic
 
 
 def follow(
-    request_iterator: Iterator[reconstruction_pb2.ReconstructRequest], control: core.Control
+    request_iterator: Iterator[reconstruction_pb2.ReconstructRequest],
+    control: core.Control,
+    blending: TargetSource | None = None,
+    report: Callable[[styleblend_pb2.BlendEvent], None] = lambda _: None,
 ) -> None:
-    """Apply the caller's later messages; the caller closing its side changes nothing."""
+    """Apply the caller's later messages; the caller closing its side changes nothing. An
+    update whose targets cannot be had (evicted from blending, say) is reported refused, its
+    hold let go, and the run goes on."""
     try:
         for request in request_iterator:
             if request.HasField("finish"):
@@ -255,10 +294,17 @@ def follow(
             elif request.HasField("hold"):
                 control.updates.hold(request.hold.update_id, request.hold.at_iteration)
             elif request.HasField("update"):
+                update_id = request.update.update_id
                 try:
-                    control.updates.post(to_update(request.update))
-                except StyleBlendError:  # the gateway checks updates; this one slipped through
-                    log.exception("update %d dropped", request.update.update_id)
+                    control.updates.post(to_update(request.update, blending))
+                except (StyleBlendError, RuntimeError) as error:  # RuntimeError: blending failed
+                    log.warning("update %d refused: %s", update_id, error)
+                    control.updates.hold(update_id, 0)
+                    code = error.code if isinstance(error, StyleBlendError) else 13  # INTERNAL
+                    refused = styleblend_pb2.UpdateRejected(
+                        update_id=update_id, code=code, message=str(error)
+                    )
+                    report(styleblend_pb2.BlendEvent(update_rejected=refused))
     except (grpc.RpcError, InvalidArgument):  # gone, or sent bytes that do not parse
         control.cancel.set()
 
@@ -269,9 +315,10 @@ def reconstruction_servicer(
     device: torch.device,
     metrics: ServiceMetrics | None = None,
     planner: Planner | None = None,
+    blending: TargetSource | None = None,
 ) -> Servicer:
     return Servicer(
         reconstruction_pb2.DESCRIPTOR.services_by_name["ReconstructionService"].full_name,
-        ReconstructionServicer(net, manifest, device, metrics, planner),
+        ReconstructionServicer(net, manifest, device, metrics, planner, blending),
         reconstruction_pb2_grpc.add_ReconstructionServiceServicer_to_server,
     )

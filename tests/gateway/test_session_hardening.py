@@ -18,9 +18,11 @@ from styleblend.v1 import styleblend_pb2 as pb
 from styleblend.v1 import styleblend_pb2_grpc
 
 from services.common import images
+from services.common.channels import BlendedTargets
 from services.common.config import BlendingConfig
 from services.common.server import RunningServer, start_server
 from services.graph import build_blending, serve_one
+from services.reconstruction.servicer import ReconstructionServicer, reconstruction_servicer
 from tests.conftest import INTERNAL_TOKEN, Graph, MiB, address, serve, start_gateway
 from tests.gateway.test_graph import source
 from tests.gateway.test_session import STARRY, Session, blend
@@ -65,12 +67,22 @@ def test_a_refused_update_leaves_the_session_as_it_was(graph: Graph) -> None:
 def test_an_update_whose_targets_fail_is_undone_and_later_ones_take_effect(graph: Graph) -> None:
     """The blending service goes away after the check: the update is refused (UNAVAILABLE) and
     leaves no trace; once it is back, the next update applies on the plan as it was."""
-    blending = serve(build_blending(BlendingConfig()))
+    wiring = BlendingConfig(features_address=address(graph.features), internal_token=INTERNAL_TOKEN)
+    blending = serve(build_blending(wiring))
     port = blending.port
+    # A reconstruction service of its own, which fetches its targets from this blending.
+    own = graph.servicers["reconstruction"].servicer
+    assert isinstance(own, ReconstructionServicer)
+    reconstruction = serve(
+        reconstruction_servicer(
+            own.net, own.manifest, own.device, None, own.planner,
+            BlendedTargets(wiring, address(blending)),
+        )
+    )  # fmt: skip
     upstreams = {
         "features": address(graph.features),
         "blending": address(blending),
-        "reconstruction": address(graph.reconstruction),
+        "reconstruction": address(reconstruction),
     }
     gateway, _ = start_gateway(upstreams)
     restarted: list[RunningServer] = []
@@ -96,7 +108,7 @@ def test_an_update_whose_targets_fail_is_undone_and_later_ones_take_effect(graph
                 if not restarted:  # update 1: bring blending back, then a good update
                     restarted.append(
                         start_server(
-                            lambda _: [build_blending(BlendingConfig())],
+                            lambda _: [build_blending(wiring)],
                             address=f"127.0.0.1:{port}",
                             max_message_bytes=64 * MiB,
                             internal_token=INTERNAL_TOKEN,
@@ -112,7 +124,7 @@ def test_an_update_whose_targets_fail_is_undone_and_later_ones_take_effect(graph
                 finished = True
     finally:
         outgoing.put(None)
-        for server in (gateway, blending, *restarted):
+        for server in (gateway, reconstruction, blending, *restarted):
             server.stop(0)
     rejected = [e.update_rejected for e in events if e.HasField("update_rejected")]
     assert rejected[0].update_id == 1

@@ -119,7 +119,7 @@ def all_in_one(graph: Graph) -> Iterator[RunningServer]:
     them; the internal secret is the server's own."""
     config = GatewayConfig(gateway_port=0, http_port=0, gateway_token=GATEWAY_TOKEN)
     inner = [graph.servicers[name] for name in ("features", "blending", "reconstruction")]
-    server = serve_all_in_one(config, inner)
+    server = serve_all_in_one(config, lambda own, secret: inner)
     yield server
     server.stop(0)
 

@@ -15,7 +15,8 @@ import pytest
 from google.protobuf import json_format
 from styleblend.v1 import styleblend_pb2 as pb
 
-from services.gateway.web import loopback_address, start_web
+from services.common.security import loopback_address
+from services.gateway.web import start_web
 from tests.conftest import SAMPLES, Graph, sample
 from tests.gateway.test_graph import reconstruction_threads, small_blend, source
 
