@@ -25,7 +25,7 @@ gen/.stamp: $(VENV)/.tools $(PROTOS)
 	touch $@
 
 $(VENV)/.installed: $(VENV)/.tools gen/.stamp pyproject.toml
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[all,dev]'
 	touch $@
 
 # The Node client and the buf CLI (one `npm ci`, from the lock file).

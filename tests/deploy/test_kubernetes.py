@@ -1,9 +1,11 @@
 """The Kustomize overlays: they render, validate against Kubernetes 1.32's schemas, and say
-what the deployment needs (non-root, gRPC probes, headless upstreams, who may reach whom)."""
+what the deployment needs (non-root, gRPC probes, headless upstreams, who may reach whom, each
+service on its own image)."""
 
 from __future__ import annotations
 
 import copy
+import re
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -20,7 +22,9 @@ from services.common.config import (
     FeaturesConfig,
     GatewayConfig,
     ReconstructionConfig,
+    ServiceConfig,
 )
+from tests.deploy.test_docker import SERVICE_TARGETS, WHOLE_TARGETS, pyproject, stages
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "k8s"
@@ -31,6 +35,23 @@ SERVICES = ("gateway", "features", "blending", "reconstruction")
 INTERNAL = ("features", "blending", "reconstruction")
 GPU_SERVICES = ("features", "reconstruction")
 GPU = "nvidia.com/gpu"
+CONFIGS: dict[str, type[ServiceConfig]] = {
+    "gateway": GatewayConfig,
+    "features": FeaturesConfig,
+    "blending": BlendingConfig,
+    "reconstruction": ReconstructionConfig,
+}
+# Every call the code makes between the pods: (caller, callee), on the callee's gRPC port.
+# The gateway sends keys and weights; blending fetches the sources' tensors from features
+# (FetchTensors) and reconstruction its targets from blending (FetchTargets).
+CALLS = {
+    ("gateway", "features"),
+    ("gateway", "blending"),
+    ("gateway", "reconstruction"),
+    ("blending", "features"),
+    ("reconstruction", "blending"),
+}
+REGISTRY = "registry.example.com/styleblend"
 
 Doc = dict[str, Any]
 KUBECTL = shutil.which("kubectl")
@@ -85,6 +106,21 @@ def grpc_port(deployment: Doc) -> int:
     (port,) = [p for p in main_container(deployment)["ports"] if p["name"] == "grpc"]
     number: int = port["containerPort"]
     return number
+
+
+def environment(docs: tuple[Doc, ...], container: Doc) -> dict[str, str]:
+    """The container's plain variables: the ConfigMap's (envFrom), then its own `env` values."""
+    (name,) = of_kind(docs, "ConfigMap")
+    assert {"configMapRef": {"name": name}} in container["envFrom"], container["name"]
+    env = dict(config(docs))
+    env.update({e["name"]: e["value"] for e in container.get("env", []) if "value" in e})
+    return env
+
+
+def mebibytes(quantity: str) -> float:
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)(Mi|Gi)", quantity)
+    assert match is not None, quantity
+    return float(match.group(1)) * (1024 if match.group(2) == "Gi" else 1)
 
 
 # --- rendering and schemas ------------------------------------------------------------------
@@ -208,23 +244,26 @@ def test_the_gateway_and_the_services_share_the_internal_secret(target: str) -> 
 
 
 @pytest.mark.parametrize("target", OVERLAYS)
-def test_gateway_dials_headless_services_of_each_upstream(target: str) -> None:
+def test_callers_dial_headless_services_of_what_they_call(target: str) -> None:
+    """The gateway dials all three; blending dials features and reconstruction blending, with
+    the same variables (the ConfigMap gives them to every container)."""
     docs = render(target)
-    settings = config(docs)
     services = of_kind(docs, "Service")
     deployments = of_kind(docs, "Deployment")
-    for upstream in INTERNAL:
-        address = settings[f"STYLEBLEND_{upstream.upper()}_ADDRESS"]
+    for caller, callee in sorted(CALLS):
+        variable = f"STYLEBLEND_{callee.upper()}_ADDRESS"
+        assert f"{callee}_address" in CONFIGS[caller].model_fields, f"{caller} reads no {variable}"
+        address = environment(docs, main_container(deployments[caller]))[variable]
         assert address.startswith("dns:///"), address
         host, port = address.removeprefix("dns:///").rsplit(":", 1)
         service = services[host]
         assert service["spec"].get("clusterIP") == "None", f"{host} is not headless"
-        assert selects(service["spec"]["selector"], pod_labels(deployments[upstream]))
+        assert selects(service["spec"]["selector"], pod_labels(deployments[callee]))
         ports = [p for p in service["spec"]["ports"] if p["port"] == int(port)]
         assert len(ports) == 1, f"{host} has no port {port}"
         assert ports[0]["targetPort"] == "grpc"
         # Headless: DNS gives pod addresses, so the dialled port must be the container's.
-        assert grpc_port(deployments[upstream]) == int(port)
+        assert grpc_port(deployments[callee]) == int(port)
 
 
 @pytest.mark.parametrize("target", OVERLAYS)
@@ -304,22 +343,56 @@ def test_only_the_gateway_is_reachable_from_outside(target: str) -> None:
 
 
 @pytest.mark.parametrize("target", OVERLAYS)
-def test_each_internal_service_is_reachable_from_its_callers_only(target: str) -> None:
+def test_each_pod_reaches_exactly_what_it_calls(target: str) -> None:
+    """Inside the namespace a connection is open only for a call the code makes, on the
+    callee's gRPC port: not the other way round, not to another port, not from the Job."""
     docs = render(target)
     deployments = of_kind(docs, "Deployment")
-    gateway = pod_labels(deployments["gateway"])
-    for upstream in INTERNAL:
-        port = grpc_port(deployments[upstream])
-        # The gateway is the only caller in the code: reconstruction calls no one.
-        assert allowed(docs, gateway, upstream, port), upstream
-        for other in INTERNAL:
-            if other != upstream:
-                assert not allowed(docs, pod_labels(deployments[other]), upstream, port), (
-                    other,
-                    upstream,
-                )
-        job = of_kind(docs, "Job")["model-export"]["spec"]["template"]["metadata"]["labels"]
-        assert not allowed(docs, job, upstream, port)
+    job = of_kind(docs, "Job")["model-export"]["spec"]["template"]["metadata"]["labels"]
+    sources = {name: pod_labels(deployment) for name, deployment in deployments.items()}
+    sources["model-export"] = job
+    for source, labels in sources.items():
+        for callee, deployment in deployments.items():
+            for port in main_container(deployment)["ports"]:
+                number = port["containerPort"]
+                expected = (source, callee) in CALLS and port["name"] == "grpc"
+                assert allowed(docs, labels, callee, number) == expected, (source, callee, number)
+
+
+@pytest.mark.parametrize("target", OVERLAYS)
+def test_the_callers_and_only_they_may_resolve_names(target: str) -> None:
+    """A caller dials a headless Service's DNS name, so it needs cluster DNS; the others send
+    nothing at all."""
+    docs = render(target)
+    callers = {caller for caller, _ in CALLS}
+    egress = [
+        p for p in of_kind(docs, "NetworkPolicy").values() if "Egress" in p["spec"]["policyTypes"]
+    ]
+    for name, labels in {
+        **{n: pod_labels(d) for n, d in of_kind(docs, "Deployment").items()},
+        "model-export": of_kind(docs, "Job")["model-export"]["spec"]["template"]["metadata"][
+            "labels"
+        ],
+    }.items():
+        rules = [
+            rule
+            for policy in egress
+            if selects(policy["spec"]["podSelector"].get("matchLabels", {}), labels)
+            for rule in policy["spec"].get("egress", [])
+        ]
+        dns = [
+            rule
+            for rule in rules
+            if any(
+                peer.get("podSelector", {}).get("matchLabels") == {"k8s-app": "kube-dns"}
+                for peer in rule.get("to", [])
+            )
+        ]
+        if name in callers:
+            assert dns, f"{name} cannot resolve the Services it calls"
+            assert all({p["port"] for p in rule["ports"]} == {53} for rule in dns), name
+        else:
+            assert not rules, f"{name} calls no one, yet may send"
 
 
 def test_the_reachability_model_can_say_yes_and_no() -> None:
@@ -366,6 +439,31 @@ def test_reconstruction_scales_by_its_autoscaler(target: str) -> None:
     assert metric["resource"]["name"] in main_container(deployment)["resources"]["requests"]
 
 
+# Idle, from its own install (`python -m services NAME`, no call yet): about 80 MiB for the
+# gateway and blending (deploy/README.md); the request leaves at least this over the stores.
+PROCESS_MIB = 96
+
+
+@pytest.mark.parametrize("target", OVERLAYS)
+def test_memory_requests_hold_each_services_stores(target: str) -> None:
+    """A service's request covers the memory budgets its config gives its stores and caches
+    (STYLEBLEND_*_STORE_BYTES, *_CACHE_BYTES), and the gateway, without PyTorch, asks for
+    little."""
+    docs = render(target)
+    settings = config(docs)
+    for name, deployment in of_kind(docs, "Deployment").items():
+        budgets = 0
+        for field, info in CONFIGS[name].model_fields.items():
+            if re.search(r"(^|_)(store|cache)_bytes$", field):
+                budgets += int(settings.get(f"STYLEBLEND_{field.upper()}", info.default))
+        request = mebibytes(main_container(deployment)["resources"]["requests"]["memory"])
+        assert request >= budgets / 2**20 + PROCESS_MIB, (name, request, budgets / 2**20)
+        if name in ("gateway", "blending"):  # neither PyTorch nor ONNX Runtime
+            assert request <= 1024, (name, request)
+    gateway = main_container(of_kind(docs, "Deployment")["gateway"])
+    assert mebibytes(gateway["resources"]["requests"]["memory"]) <= 512
+
+
 # --- volumes ----------------------------------------------------------------------------------
 
 
@@ -400,6 +498,33 @@ def test_services_read_the_exported_model_that_the_job_writes(target: str) -> No
 # --- overlays ---------------------------------------------------------------------------------
 
 
+def image_target(image: str) -> str:
+    """The Dockerfile target an image was built from: tags are VERSION-TARGET."""
+    name, tag = image.rsplit(":", 1)
+    assert name == REGISTRY, image
+    version = pyproject()["version"]
+    assert tag.startswith(f"{version}-"), f"{image}: not the project's version {version}"
+    return tag.removeprefix(f"{version}-")
+
+
+@pytest.mark.parametrize("target", OVERLAYS)
+def test_each_service_runs_its_own_image(target: str) -> None:
+    """Each Deployment runs (and waits for its model in) the image of its own Dockerfile
+    target, which installs that service's extra only (tests/deploy/test_docker.py); the Job
+    runs the whole project's CPU image."""
+    docs = render(target)
+    targets = set(stages())
+    for name, deployment in of_kind(docs, "Deployment").items():
+        spec = deployment["spec"]["template"]["spec"]
+        for container in spec.get("initContainers", []) + spec["containers"]:
+            built = image_target(container["image"])
+            assert built in targets, (name, built)
+            assert SERVICE_TARGETS[built] == name, (name, container["name"], built)
+            assert built.endswith("-gpu") == (target == "gpu" and name in GPU_SERVICES), built
+    (export,) = of_kind(docs, "Job")["model-export"]["spec"]["template"]["spec"]["containers"]
+    assert image_target(export["image"]) == "cpu" and "cpu" in WHOLE_TARGETS
+
+
 def test_cpu_overlay_runs_on_cpus_only() -> None:
     docs = render("cpu")
     settings = config(docs)
@@ -409,7 +534,7 @@ def test_cpu_overlay_runs_on_cpus_only() -> None:
         assert "nodeSelector" not in spec, where
         for container in spec["containers"]:
             assert GPU not in container["resources"]["limits"], where
-            assert container["image"].endswith("-cpu"), where
+            assert not image_target(container["image"]).endswith("gpu"), where
 
 
 def test_gpu_overlay_puts_features_and_reconstruction_on_gpus() -> None:
@@ -430,11 +555,11 @@ def test_gpu_overlay_puts_features_and_reconstruction_on_gpus() -> None:
         assert spec["nodeSelector"], name
         assert any(t["key"] == GPU and t["effect"] == "NoSchedule" for t in spec["tolerations"])
         for each in spec["initContainers"] + spec["containers"]:
-            assert each["image"].endswith("-gpu"), (name, each["name"])
+            assert image_target(each["image"]) == f"{name}-gpu", (name, each["name"])
     for name in ("gateway", "blending"):
         container = main_container(deployments[name])
         assert GPU not in container["resources"]["limits"], name
-        assert container["image"].endswith("-cpu"), name
+        assert image_target(container["image"]) == name, name
 
 
 def test_gpu_overlay_keeps_tensorrt_engines_on_a_volume() -> None:
