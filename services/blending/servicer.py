@@ -22,9 +22,7 @@ from services.common.config import IMAGE_STORE_BYTES, SOURCE_CACHE_BYTES, TARGET
 from services.common.errors import FailedPrecondition, NotHeld, ResourceExhausted
 from services.common.server import Servicer
 from services.common.store import ImageStore, Store
-from services.common.stylemix import Region, StyleSource, mix_styles
-
-Sized = blending_pb2.BlendTargetsRequest | blending_pb2.MixStylesRequest
+from services.common.stylemix import Region
 
 
 class TensorSource(Protocol):
@@ -117,7 +115,7 @@ class BlendingServicer(blending_pb2_grpc.BlendingServiceServicer):
 
     def FetchTargets(
         self, request: blending_pb2.FetchTargetsRequest, context: grpc.ServicerContext
-    ) -> blending_pb2.BlendTargetsResponse:
+    ) -> blending_pb2.FetchTargetsResponse:
         targets = self.targets.get(request.key)
         if targets is None:
             raise NotHeld(
@@ -125,30 +123,7 @@ class BlendingServicer(blending_pb2_grpc.BlendingServiceServicer):
                 f"targets {request.key[:12]}… are no longer held by the blending service "
                 "(evicted, or never made here); blend them again",
             )
-        return targets
-
-    def MixStyles(
-        self, request: blending_pb2.MixStylesRequest, context: grpc.ServicerContext
-    ) -> blending_pb2.MixStylesResponse:
-        sources = [
-            StyleSource(
-                style=source.style,
-                style_weight=source.style_weight,
-                style_map=self._mask(
-                    source.style_map, source.style_map_sha256, request, f"sources[{i}].style_map"
-                ),
-            )
-            for i, source in enumerate(request.sources)
-        ]
-        mix = mix_styles(
-            sources,
-            self._regions(request),
-            styles=request.styles,
-            identity=request.identity,
-            strength=request.strength,
-            size=(request.width_px, request.height_px),
-        )
-        return blending_pb2.MixStylesResponse(mix=wire.to_tensor(mix))
+        return blending_pb2.FetchTargetsResponse(targets=targets)
 
     # --- references ----------------------------------------------------------------------------
     def _fetch(self, request: blending_pb2.BlendTargetsRequest) -> dict[str, np.ndarray]:
@@ -184,13 +159,15 @@ class BlendingServicer(blending_pb2_grpc.BlendingServiceServicer):
         tensors.update({layer: fetched[key] for layer, key in keys.items()})
         return tensors
 
-    def _mask(self, data: bytes, sha256: str, request: Sized, what: str) -> np.ndarray | None:
+    def _mask(
+        self, data: bytes, sha256: str, request: blending_pb2.BlendTargetsRequest, what: str
+    ) -> np.ndarray | None:
         encoded = self.images.resolve(data, sha256, what)
         return (
             images.to_mask(encoded, request.width_px, request.height_px, what) if encoded else None
         )
 
-    def _regions(self, request: Sized) -> list[Region]:
+    def _regions(self, request: blending_pb2.BlendTargetsRequest) -> list[Region]:
         regions = []
         for k, region in enumerate(request.regions):
             what = f"regions[{k}].mask"

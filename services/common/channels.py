@@ -139,4 +139,5 @@ class BlendedTargets:
         self._stub = blending_pb2_grpc.BlendingServiceStub(self.peer.channel)
 
     def targets(self, key: str) -> blending_pb2.BlendTargetsResponse:
-        return self.peer.call(self._stub.FetchTargets, blending_pb2.FetchTargetsRequest(key=key))
+        request = blending_pb2.FetchTargetsRequest(key=key)
+        return self.peer.call(self._stub.FetchTargets, request).targets

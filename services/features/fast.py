@@ -14,6 +14,7 @@ from services.common.errors import FailedPrecondition, InvalidArgument
 from services.common.fastmodel import FAST_MANIFEST_FILE
 from services.common.faststyliser import FastStyliser
 from services.common.providers import DEFAULT_TENSORRT, TensorRTSettings
+from services.common.stylemix import Region, StyleSource, mix_styles
 from services.features.core import check_run_size
 
 
@@ -47,6 +48,28 @@ class FastModels:
             )
         return self.models[name]
 
+    def check_size(self, width: int, height: int) -> None:
+        if width < 2 or height < 2:
+            raise InvalidArgument(
+                f"width_px and height_px must be at least 2, got {width}×{height}"
+            )
+        check_run_size(width, height, self.max_side_px, self.max_pixels)
+
+    def style_mix(
+        self,
+        name: str,
+        width: int,
+        height: int,
+        sources: Sequence[StyleSource],
+        regions: Sequence[Region],
+        strength: float,
+    ) -> np.ndarray:
+        """The network's style weights for these sources at width × height (stylemix.py)."""
+        manifest = self.get(name).manifest
+        self.check_size(width, height)
+        styles, identity = len(manifest.styles), manifest.identity
+        return mix_styles(sources, regions, styles, identity, strength, (width, height))
+
     def stylise(
         self,
         name: str,
@@ -58,11 +81,7 @@ class FastModels:
     ) -> tuple[bytes, float]:
         """PNG bytes of the network's image at width × height, and the milliseconds it took."""
         styliser = self.get(name)
-        if width < 2 or height < 2:
-            raise InvalidArgument(
-                f"width_px and height_px must be at least 2, got {width}×{height}"
-            )
-        check_run_size(width, height, self.max_side_px, self.max_pixels)
+        self.check_size(width, height)
         content = images.to_canvas(image, width, height, "image")
         started = time.perf_counter()
         pixels = styliser.stylise(content, mix)

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import grpc
+import numpy as np
 from styleblend.internal.v1 import features_pb2, features_pb2_grpc
 
-from services.common import wire
+from services.common import images, wire
 from services.common.config import IMAGE_STORE_BYTES
-from services.common.errors import FailedPrecondition, ResourceExhausted
+from services.common.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from services.common.faststyliser import FastStyliser
 from services.common.metrics import ServiceMetrics
 from services.common.server import Servicer
 from services.common.store import ImageStore
+from services.common.stylemix import Region, StyleSource
 from services.features.core import FeatureExtractor
 from services.features.fast import FastModels
 
@@ -107,15 +109,50 @@ class FeaturesServicer(features_pb2_grpc.FeaturesServiceServicer):
     ) -> features_pb2.StyliseResponse:
         if self.fast is None:
             raise FailedPrecondition("this features service has no fast models")
-        image, milliseconds = self.fast.stylise(
+        image = self.images.resolve(request.image, request.image_sha256, "image")
+        mix = (
+            self._style_mix(request)
+            if request.HasField("style_mix")
+            else wire.from_tensor(request.mix, "mix")
+        )
+        pixels, milliseconds = self.fast.stylise(
             request.model,
-            self.images.resolve(request.image, request.image_sha256, "image"),
+            image,
             request.width_px,
             request.height_px,
-            wire.from_tensor(request.mix, "mix"),
+            mix,
             request.keep_chrominance,
         )
-        return features_pb2.StyliseResponse(image=image, milliseconds=milliseconds)
+        return features_pb2.StyliseResponse(image=pixels, milliseconds=milliseconds)
+
+    def _style_mix(self, request: features_pb2.StyliseRequest) -> np.ndarray:
+        """The mix the request's weights and maps make, at its output size."""
+        assert self.fast is not None
+        width, height, given = request.width_px, request.height_px, request.style_mix
+        self.fast.check_size(width, height)  # before any map is decoded at that size
+
+        def mask(data: bytes, sha256: str, what: str) -> np.ndarray | None:
+            encoded = self.images.resolve(data, sha256, what)
+            return images.to_mask(encoded, width, height, what) if encoded else None
+
+        sources = [
+            StyleSource(
+                style=source.style,
+                style_weight=source.style_weight,
+                style_map=mask(
+                    source.style_map, source.style_map_sha256, f"style_mix.sources[{i}].style_map"
+                ),
+            )
+            for i, source in enumerate(given.sources)
+        ]
+        regions = []
+        for k, region in enumerate(given.regions):
+            what = f"style_mix.regions[{k}].mask"
+            found = mask(region.mask, region.mask_sha256, what)
+            if found is None:
+                raise InvalidArgument(f"{what} is missing")
+            regions.append(Region(mask=found, style_weights=list(region.style_weights)))
+        return self.fast.style_mix(request.model, width, height, sources, regions, given.strength)
 
     def _fast_models(self) -> list[FastStyliser]:
         return list(self.fast.models.values()) if self.fast else []

@@ -102,11 +102,6 @@ class Upstreams:
             "blending", self.config.blending_address, self.blending.BlendTargets, request
         )
 
-    def mix_styles(self, request: blending_pb2.MixStylesRequest) -> blending_pb2.MixStylesResponse:
-        return self._unary(
-            "blending", self.config.blending_address, self.blending.MixStyles, request
-        )
-
     def stylise(self, request: features_pb2.StyliseRequest) -> features_pb2.StyliseResponse:
         return self._unary("features", self.config.features_address, self.features.Stylise, request)
 
@@ -124,13 +119,6 @@ class Upstreams:
         # No deadline: a run lasts as long as its iterations; a down service still fails fast.
         call = self.reconstruction.Reconstruct(requests, metadata=self.metadata)
         return ReconstructCall(call, self.config.reconstruction_address)
-
-    def fetch_targets(
-        self, request: blending_pb2.FetchTargetsRequest
-    ) -> blending_pb2.BlendTargetsResponse:
-        return self._unary(
-            "blending", self.config.blending_address, self.blending.FetchTargets, request
-        )
 
     def close(self) -> None:
         for channel in self._channels:

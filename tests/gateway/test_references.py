@@ -28,6 +28,7 @@ from services.gateway.core import Gateway
 from services.gateway.servicer import style_blend_servicer
 from services.gateway.upstream import Upstreams
 from tests.conftest import Graph, address, internal_metadata, sample, serve
+from tests.gateway.test_fast import pixels
 from tests.gateway.test_graph import source
 from tests.gateway.test_session import SCREAM, STARRY, blend, half_mask
 
@@ -143,7 +144,9 @@ def test_targets_by_reference_are_the_targets_inline(graph: Graph) -> None:
     moved = keyed_request(graph, (0.4, 0.6))
     moved.by_reference = True
     assert stub.BlendTargets(moved, metadata=metadata).key != first.key
-    kept = stub.FetchTargets(blending_pb2.FetchTargetsRequest(key=first.key), metadata=metadata)
+    kept = stub.FetchTargets(
+        blending_pb2.FetchTargetsRequest(key=first.key), metadata=metadata
+    ).targets
 
     inline = keyed_request(graph, (0.7, 0.3))
     for message in inline.sources:
@@ -323,3 +326,34 @@ def test_the_gateway_carries_no_tensor_to_blending_or_reconstruction(graph: Grap
     assert all(m.by_reference and not m.image and m.image_sha256 for m in extracts)
     assert max(m.ByteSize() for m in sent) < 4096
     assert np.isfinite(events[-1].result.stats.final_losses.total)
+
+
+def test_the_fast_path_sends_weights_and_map_sha256s_not_a_per_pixel_mix(graph: Graph) -> None:
+    """With a style map the mix is N×H×W; features makes it from the weights and the map, so
+    the gateway's Stylise carries neither the mix nor, once features holds them, any image."""
+    sent: list[features_pb2.StyliseRequest] = []
+
+    class Recording(Upstreams):
+        def stylise(self, request: features_pb2.StyliseRequest) -> features_pb2.StyliseResponse:
+            sent.append(request)
+            return super().stylise(request)
+
+    mapped = source(SCREAM, 1, 0)
+    mapped.style_map.data = half_mask(left=True, width=96, height=64)
+    request = pb.BlendRequest(
+        sources=[source("content/chelsea.jpg", 0, 1), source(STARRY, 1, 0), mapped],
+        max_side_px=96,
+        fast=pb.FastOptions(model="test-model"),
+    )
+    inline = [r.event for r in graph.stub().Blend(request, timeout=60)]
+    for server in faulty_gateway(graph, Recording(graph.config)):
+        stub = styleblend_pb2_grpc.StyleBlendStub(grpc.insecure_channel(address(server)))
+        events = [r.event for r in stub.Blend(request, timeout=60)]
+    # The same network and the same mix as the gateway under test's own graph makes.
+    np.testing.assert_array_equal(pixels(events[-1].result.image), pixels(inline[-1].result.image))
+    (message,) = sent  # features held the images already: no second try with bytes
+    assert not message.HasField("mix") and not message.image and message.image_sha256
+    assert (
+        message.style_mix.sources[2].style_map_sha256 and not message.style_mix.sources[2].style_map
+    )
+    assert message.ByteSize() < 1024
