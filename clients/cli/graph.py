@@ -15,7 +15,23 @@ from collections.abc import Callable, Mapping
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-DEFAULT_PORTS = {"gateway": 50051, "features": 50052, "blending": 50053, "reconstruction": 50054}
+from services.common.config import (
+    BlendingConfig,
+    FeaturesConfig,
+    GatewayConfig,
+    ReconstructionConfig,
+)
+
+# Each service's port as its config class defaults it (services/common/config.py is their home).
+DEFAULT_PORTS: dict[str, int] = {
+    name: int(settings.model_fields[f"{name}_port"].default)
+    for name, settings in (
+        ("gateway", GatewayConfig),
+        ("features", FeaturesConfig),
+        ("blending", BlendingConfig),
+        ("reconstruction", ReconstructionConfig),
+    )
+}
 START_TIMEOUT_S = 300.0  # loading PyTorch and the model can take a while on a cold disk
 
 

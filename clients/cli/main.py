@@ -14,6 +14,7 @@ from pathlib import Path
 
 from clients.cli.graph import DEFAULT_PORTS
 from clients.cli.sources import parse_source, parse_style, positive_side, unit_interval
+from services.common.config import GatewayConfig, ModelConfig
 
 
 def default_gateway() -> str:
@@ -37,10 +38,15 @@ def build_parser() -> argparse.ArgumentParser:
         up.add_argument(
             f"--{name}-port", type=int, help=f"(STYLEBLEND_{name.upper()}_PORT, {port})"
         )
-    up.add_argument("--http-port", type=int, help="browser studio (STYLEBLEND_HTTP_PORT, 8080)")
-    up.add_argument("--model", help="feature model id (STYLEBLEND_MODEL, vgg19)")
+    http, model, folder = (
+        GatewayConfig.model_fields["http_port"].default,
+        ModelConfig.model_fields["model"].default,
+        ModelConfig.model_fields["model_dir"].default,
+    )
+    up.add_argument("--http-port", type=int, help=f"browser studio (STYLEBLEND_HTTP_PORT, {http})")
+    up.add_argument("--model", help=f"feature model id (STYLEBLEND_MODEL, {model})")
     up.add_argument(
-        "--model-dir", type=Path, help="folder of exports (STYLEBLEND_MODEL_DIR, models)"
+        "--model-dir", type=Path, help=f"folder of exports (STYLEBLEND_MODEL_DIR, {folder})"
     )
 
     blend = commands.add_parser("blend", help="blend images through a running gateway")

@@ -7,7 +7,7 @@ import math
 import secrets
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from styleblend.v1 import styleblend_pb2
 
@@ -26,6 +26,28 @@ STYLE_SCALE_RANGE = (0.25, 4.0)
 MAX_WEIGHT = 1e6
 MIN_NONZERO_WEIGHT = 1e-6
 MAX_LEARNING_RATE = 1.0  # Adam's step in pixel units: one step across the whole [0, 1] range
+
+# The public enums as the plan holds them; the proto values are converted here, and back only
+# where a message is made (recipe.py, targets.py).
+Optimizer = Literal["lbfgs", "adam"]
+Init = Literal["content", "noise", "image"]
+PreserveColor = Literal["", "luminance", "histogram"]
+OPTIMIZERS: dict[int, Optimizer] = {
+    styleblend_pb2.OPTIMIZER_UNSPECIFIED: "lbfgs",
+    styleblend_pb2.OPTIMIZER_LBFGS: "lbfgs",
+    styleblend_pb2.OPTIMIZER_ADAM: "adam",
+}
+INITS: dict[int, Init] = {
+    styleblend_pb2.INIT_UNSPECIFIED: "content",
+    styleblend_pb2.INIT_CONTENT: "content",
+    styleblend_pb2.INIT_NOISE: "noise",
+    styleblend_pb2.INIT_IMAGE: "image",
+}
+PRESERVE_COLORS: dict[int, PreserveColor] = {
+    styleblend_pb2.PRESERVE_COLOR_UNSPECIFIED: "",
+    styleblend_pb2.PRESERVE_COLOR_LUMINANCE: "luminance",
+    styleblend_pb2.PRESERVE_COLOR_HISTOGRAM: "histogram",
+}
 
 Uploads = Callable[[str], bytes | None]
 
@@ -75,16 +97,16 @@ class Plan:
     scales: tuple[Scale, ...]  # coarsest first; the last is the canvas
     style_layers: tuple[str, ...]
     content_layers: tuple[str, ...]
-    optimizer: int  # styleblend_pb2.Optimizer
+    optimizer: Optimizer
     content_loss_weight: float
     style_loss_weight: float
     tv_loss_weight: float
-    init: int  # styleblend_pb2.Init
+    init: Init
     init_image: PlannedImage | None
     seed: int
     preview_every: int
     learning_rate: float
-    preserve_color: int  # styleblend_pb2.PreserveColor
+    preserve_color: PreserveColor
     style_scale: float
     fast: FastPlan | None = None
 
@@ -105,6 +127,13 @@ class Plan:
         # The model needs MIN_SIDE_PX on the short side too: a long, thin style image grows.
         side = max(side, math.ceil(MIN_SIDE_PX * max(width, height) / min(width, height)))
         return images.fit_inside(width, height, side)
+
+
+def proto_value(values: Mapping[int, str], name: str) -> int:
+    """The proto enum value a plan's name stands for: its own, not UNSPECIFIED, unless the
+    name is only UNSPECIFIED's (no colour preservation)."""
+    named = [value for value, known in values.items() if known == name]
+    return max(named)
 
 
 def _weight(
@@ -218,7 +247,7 @@ def _regions(
 
 
 def _check_blend(
-    sources: Sequence[PlannedSource], regions: Sequence[PlannedRegion], preserve_color: int
+    sources: Sequence[PlannedSource], regions: Sequence[PlannedRegion], preserve_color: str
 ) -> None:
     """What every plan, first or updated, must satisfy."""
     if regions and any(s.style_map is not None for s in sources):
@@ -336,7 +365,8 @@ def plan_blend(
     sources = tuple(_source(i, s, resolve) for i, s in enumerate(request.sources))
     regions = _regions(request.regions, count, resolve)
     _enum(request.preserve_color, styleblend_pb2.PreserveColor, "preserve_color")
-    _check_blend(sources, regions, request.preserve_color)
+    preserve_color = PRESERVE_COLORS[request.preserve_color]
+    _check_blend(sources, regions, preserve_color)
 
     side = _bounded(
         request.max_side_px, config.default_side_px, config.max_side_px, "max_side_px", MIN_SIDE_PX
@@ -381,11 +411,11 @@ def plan_blend(
         content_layers=_layers(
             request.content_layers, manifest.default_content_layers, manifest, "content_layers"
         ),
-        optimizer=request.optimizer or styleblend_pb2.OPTIMIZER_LBFGS,
+        optimizer=OPTIMIZERS[request.optimizer],
         content_loss_weight=_optional(request, "content_loss_weight", defaults.content),
         style_loss_weight=_optional(request, "style_loss_weight", defaults.style),
         tv_loss_weight=_optional(request, "tv_loss_weight", defaults.tv),
-        init=init,
+        init=INITS[init],
         init_image=init_image,
         seed=request.seed if request.HasField("seed") else secrets.randbits(63),
         preview_every=request.preview_every or config.default_preview_every,
@@ -396,7 +426,7 @@ def plan_blend(
             positive=True,
             largest=MAX_LEARNING_RATE,
         ),
-        preserve_color=request.preserve_color,
+        preserve_color=preserve_color,
         style_scale=style_scale,
         fast=plan_fast(request.fast, sources, regions, fast_models or {})
         if request.HasField("fast")

@@ -14,7 +14,14 @@ from styleblend.v1 import styleblend_pb2
 
 from services.common import images
 from services.common.manifest import Manifest
-from services.gateway.plan import Plan, PlannedImage
+from services.gateway.plan import (
+    INITS,
+    OPTIMIZERS,
+    PRESERVE_COLORS,
+    Plan,
+    PlannedImage,
+    proto_value,
+)
 
 RECIPE_KEY = "styleblend:recipe"  # the PNG text chunk's keyword
 
@@ -43,17 +50,17 @@ def resolved_request(plan: Plan) -> styleblend_pb2.BlendRequest:
         max_side_px=max(plan.canvas.width, plan.canvas.height),
         scales=len(plan.scales),
         iterations_per_scale=[scale.iterations for scale in plan.scales],
-        optimizer=plan.optimizer,  # type: ignore[arg-type]
+        optimizer=proto_value(OPTIMIZERS, plan.optimizer),  # type: ignore[arg-type]
         style_layers=plan.style_layers,
         content_layers=plan.content_layers,
         content_loss_weight=plan.content_loss_weight,
         style_loss_weight=plan.style_loss_weight,
         tv_loss_weight=plan.tv_loss_weight,
-        init=plan.init,  # type: ignore[arg-type]
+        init=proto_value(INITS, plan.init),  # type: ignore[arg-type]
         seed=plan.seed,
         preview_every=plan.preview_every,
         learning_rate=plan.learning_rate,
-        preserve_color=plan.preserve_color,  # type: ignore[arg-type]
+        preserve_color=proto_value(PRESERVE_COLORS, plan.preserve_color),  # type: ignore[arg-type]
         style_scale=plan.style_scale,
         fast=styleblend_pb2.FastOptions(
             model=plan.fast.model.name, strength=plan.fast.strength, refine=plan.fast.refine

@@ -6,7 +6,7 @@ updates and errors also land; a worker turns accepted updates into new targets. 
 checked on arrival, so a bad one is refused in-band and the run goes on; one whose targets then
 cannot be made is refused too, and the session goes on as if it had never come. Because the caller
 only waits on the outbox, a cancel or a server shutting down reaches it at once, even while
-an upstream call is still out.
+an upstream call is still out. What to ask the services for a plan is targets.py's.
 """
 
 from __future__ import annotations
@@ -15,53 +15,27 @@ import logging
 import queue
 import threading
 import weakref
-from collections.abc import Callable, Iterator
-from typing import Protocol, TypeVar
+from collections.abc import Iterator
 
-from styleblend.internal.v1 import blending_pb2, features_pb2, reconstruction_pb2
+from styleblend.internal.v1 import reconstruction_pb2
 from styleblend.v1 import styleblend_pb2
 
 from services.common import images
 from services.common.config import GatewayConfig
-from services.common.errors import FailedPrecondition, NotHeld, StyleBlendError, Unavailable
+from services.common.errors import FailedPrecondition, StyleBlendError, Unavailable
 from services.common.manifest import Manifest
-from services.gateway.plan import Plan, PlannedImage, PlannedSource, Scale, Uploads, apply_update
+from services.gateway.plan import Plan, Uploads, apply_update
 from services.gateway.recipe import RECIPE_KEY, recipe_json
+from services.gateway.targets import ReconstructStream, Targets, Upstreams
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 _END = object()
 _FINISH = styleblend_pb2.SessionUpdate()  # queued behind the updates: the fast path's finish
-_LUMINANCE = styleblend_pb2.PRESERVE_COLOR_LUMINANCE
-_HISTOGRAM = styleblend_pb2.PRESERVE_COLOR_HISTOGRAM
 SHUTTING_DOWN = "the gateway is shutting down"
 # Of the grace period, what a run that cannot finish in time leaves before it says so: the
 # server cancels calls still open at its end, and a cancelled call tells the client nothing.
 _GRACE_FRACTION = 0.75
-
-
-class ReconstructStream(Protocol):
-    def __iter__(self) -> Iterator[reconstruction_pb2.ReconstructResponse]: ...
-    def cancel(self) -> None: ...
-
-
-class Upstreams(Protocol):
-    """The three internal services, as the gateway needs them."""
-
-    def get_model(self) -> features_pb2.GetModelResponse: ...
-    def extract(self, request: features_pb2.ExtractRequest) -> features_pb2.ExtractResponse: ...
-    def blend_targets(
-        self, request: blending_pb2.BlendTargetsRequest
-    ) -> blending_pb2.BlendTargetsResponse: ...
-    def mix_styles(
-        self, request: blending_pb2.MixStylesRequest
-    ) -> blending_pb2.MixStylesResponse: ...
-    def stylise(self, request: features_pb2.StyliseRequest) -> features_pb2.StyliseResponse: ...
-    def get_device(self) -> reconstruction_pb2.GetDeviceResponse: ...
-    def reconstruct(
-        self, requests: Iterator[reconstruction_pb2.ReconstructRequest]
-    ) -> ReconstructStream: ...
 
 
 class BlendRun:
@@ -80,7 +54,7 @@ class BlendRun:
         self.upstreams = upstreams
         self.config = config
         self.uploads = uploads
-        self.strides = manifest.strides
+        self.targets = Targets(upstreams, manifest)
         self._outbox: queue.Queue[object] = queue.Queue()
         self._controls: queue.Queue[object] = queue.Queue()
         self._work: queue.Queue[styleblend_pb2.SessionUpdate] = queue.Queue()
@@ -210,12 +184,12 @@ class BlendRun:
         # and each update comes through `_work_on_updates` in its turn.
         first, init_image = self.first, b""
         if first.fast is not None:
-            self._fast_image = init_image = self._stylised(first)
+            self._fast_image = init_image = self.targets.stylised(first)
             self._outbox.put(self._fast_preview(0))
             if not first.fast.refine:
                 self._fast_only(self._session)
                 return
-        job = self._job(self._scale_targets(first), init_image)
+        job = self.targets.job(first, self.targets.scales(first), init_image)
         with self._lock:
             if self._cancelled.is_set():
                 return
@@ -315,7 +289,7 @@ class BlendRun:
 
     def _send_fast_preview(self, update: styleblend_pb2.SessionUpdate, plan: Plan) -> None:
         try:
-            self._fast_image = self._stylised(plan)
+            self._fast_image = self.targets.stylised(plan)
         except StyleBlendError as error:
             self._refuse(update, error)
             return
@@ -344,7 +318,7 @@ class BlendRun:
 
     def _send_update(self, update: styleblend_pb2.SessionUpdate, plan: Plan) -> None:
         try:
-            scales = self._scale_targets(plan)
+            scales = self.targets.scales(plan)
         except StyleBlendError as error:  # e.g. a service down for a moment
             self._refuse(update, error)
             return
@@ -401,214 +375,6 @@ class BlendRun:
             history += [(iteration, received[u]) for u in arrived[start:end]]
             start = end
         return history
-
-    # --- the feed-forward network -------------------------------------------------------------
-    def _stylised(self, plan: Plan) -> bytes:
-        """The network's image for this plan: the style mix from blending, the pixels from it."""
-        assert plan.fast is not None and plan.content_source is not None
-        fast, canvas, content = plan.fast, plan.canvas, plan.content_source.image
-
-        def mix_request(inline: bool) -> blending_pb2.MixStylesRequest:
-            return blending_pb2.MixStylesRequest(
-                sources=[
-                    blending_pb2.StyleSource(
-                        style=style,
-                        style_weight=source.style_weight,
-                        style_map=_bytes(source.style_map, inline),
-                        style_map_sha256=_sha256(source.style_map),
-                    )
-                    for source, style in zip(plan.sources, fast.styles, strict=True)
-                ],
-                regions=_regions(plan, inline),
-                styles=len(fast.model.styles),
-                identity=fast.identity,
-                strength=fast.strength,
-                width_px=canvas.width,
-                height_px=canvas.height,
-            )
-
-        mix = sent_once(lambda inline: self.upstreams.mix_styles(mix_request(inline))).mix
-        return sent_once(
-            lambda inline: self.upstreams.stylise(
-                features_pb2.StyliseRequest(
-                    model=fast.model.name,
-                    image=_bytes(content, inline),
-                    image_sha256=content.sha256,
-                    width_px=canvas.width,
-                    height_px=canvas.height,
-                    mix=mix,
-                    keep_chrominance=plan.preserve_color == _LUMINANCE,
-                )
-            )
-        ).image
-
-    # --- targets, by reference ----------------------------------------------------------------
-    def _scale_targets(self, plan: Plan) -> list[reconstruction_pb2.ScaleTargets]:
-        return [self._targets_at(plan, scale) for scale in plan.scales]
-
-    def _targets_at(self, plan: Plan, scale: Scale) -> reconstruction_pb2.ScaleTargets:
-        """The key blending keeps this scale's targets under: features keeps the sources'
-        tensors and blending fetches them itself, so only keys and weights pass through here.
-        A tensor evicted in between is extracted again, once."""
-        try:
-            key = self._blended(plan, scale)
-        except NotHeld as error:
-            if error.kind != "tensor":
-                raise
-            key = self._blended(plan, scale)
-        return reconstruction_pb2.ScaleTargets(
-            width_px=scale.width,
-            height_px=scale.height,
-            iterations=scale.iterations,
-            targets_key=key,
-        )
-
-    def _blended(self, plan: Plan, scale: Scale) -> str:
-        keyed = [self._features(plan, source, scale) for source in plan.sources]
-
-        def request(inline: bool) -> blending_pb2.BlendTargetsRequest:
-            sources = []
-            for source, keys in zip(plan.sources, keyed, strict=True):
-                message = blending_pb2.SourceFeatures()
-                message.CopyFrom(keys)
-                message.style_map = _bytes(source.style_map, inline)
-                message.style_map_sha256 = _sha256(source.style_map)
-                message.content_map = _bytes(source.content_map, inline)
-                message.content_map_sha256 = _sha256(source.content_map)
-                sources.append(message)
-            return blending_pb2.BlendTargetsRequest(
-                sources=sources,
-                regions=_regions(plan, inline),
-                width_px=scale.width,
-                height_px=scale.height,
-                layer_strides={name: self.strides[name] for name in plan.content_layers},
-                by_reference=True,
-            )
-
-        return sent_once(lambda inline: self.upstreams.blend_targets(request(inline))).key
-
-    def _features(
-        self, plan: Plan, source: PlannedSource, scale: Scale
-    ) -> blending_pb2.SourceFeatures:
-        """A source's weights and the keys of its tensors at the features service."""
-        features = blending_pb2.SourceFeatures(
-            style_weight=source.style_weight, content_weight=source.content_weight
-        )
-        content = plan.content_source.image if plan.content_source else None
-        if self._styled(plan, source):
-            width, height = plan.style_size(source, scale)
-            color: int = features_pb2.COLOR_TRANSFORM_UNSPECIFIED
-            if plan.preserve_color == _LUMINANCE:
-                color = features_pb2.COLOR_TRANSFORM_LUMINANCE
-            elif plan.preserve_color == _HISTOGRAM:
-                color = features_pb2.COLOR_TRANSFORM_MATCH
-            extracted = self._extract(source, width, height, plan.style_layers, [], color, content)
-            features.gram_keys.update(extracted.gram_keys)
-        if source.content_weight > 0:
-            # Luminance mode optimises a grey image: its content is the source's own luminance.
-            luminance = plan.preserve_color == _LUMINANCE
-            color = (
-                features_pb2.COLOR_TRANSFORM_LUMINANCE
-                if luminance
-                else features_pb2.COLOR_TRANSFORM_UNSPECIFIED
-            )
-            own = source.image if luminance else None
-            extracted = self._extract(
-                source, scale.width, scale.height, [], plan.content_layers, color, own
-            )
-            features.feature_keys.update(extracted.feature_keys)
-        return features
-
-    def _styled(self, plan: Plan, source: PlannedSource) -> bool:
-        index = plan.sources.index(source)
-        return source.style_weight > 0 or any(r.style_weights[index] > 0 for r in plan.regions)
-
-    def _extract(
-        self,
-        source: PlannedSource,
-        width: int,
-        height: int,
-        gram_layers: tuple[str, ...] | list[str],
-        feature_layers: tuple[str, ...] | list[str],
-        color: int,
-        reference: PlannedImage | None,
-    ) -> features_pb2.ExtractResponse:
-        """The keys of a source's tensors; features runs the model only when it holds none."""
-        reference = reference if color else None
-        return sent_once(
-            lambda inline: self.upstreams.extract(
-                features_pb2.ExtractRequest(
-                    image=_bytes(source.image, inline),
-                    image_sha256=source.image.sha256,
-                    width_px=width,
-                    height_px=height,
-                    gram_layers=gram_layers,
-                    feature_layers=feature_layers,
-                    color=color,  # type: ignore[arg-type]
-                    color_reference=_bytes(reference, inline),
-                    color_reference_sha256=_sha256(reference),
-                    by_reference=True,
-                )
-            )
-        )
-
-    def _job(
-        self, scales: list[reconstruction_pb2.ScaleTargets], init_image: bytes = b""
-    ) -> reconstruction_pb2.ReconstructJob:
-        """`init_image`, when given (the network's image), overrides the plan's start."""
-        plan = self.first
-        if not init_image and plan.init_image is not None:
-            init_image = plan.init_image.data
-        elif not init_image and plan.init == styleblend_pb2.INIT_CONTENT and plan.content_source:
-            init_image = plan.content_source.image.data
-        luminance = plan.preserve_color == _LUMINANCE
-        return reconstruction_pb2.ReconstructJob(
-            model=self.manifest.model,
-            weights_sha256=self.manifest.weights_sha256,
-            scales=scales,
-            optimizer=plan.optimizer,  # type: ignore[arg-type]
-            content_loss_weight=plan.content_loss_weight,
-            style_loss_weight=plan.style_loss_weight,
-            tv_loss_weight=plan.tv_loss_weight,
-            init_image=init_image,
-            seed=plan.seed,
-            preview_every=plan.preview_every,
-            learning_rate=plan.learning_rate,
-            preserve_color=plan.preserve_color,  # type: ignore[arg-type]
-            color_image=plan.content_source.image.data
-            if luminance and plan.content_source
-            else b"",
-        )
-
-
-def sent_once(send: Callable[[bool], T]) -> T:
-    """`send(inline)`: images go by their sha256; a service that does not hold one (a new
-    replica, or one that evicted it) gets their bytes, once."""
-    try:
-        return send(False)
-    except NotHeld as error:
-        if error.kind != "image":
-            raise
-        return send(True)
-
-
-def _bytes(image: PlannedImage | None, inline: bool) -> bytes:
-    return image.data if image is not None and inline else b""
-
-
-def _sha256(image: PlannedImage | None) -> str:
-    return image.sha256 if image is not None else ""
-
-
-def _regions(plan: Plan, inline: bool) -> list[blending_pb2.RegionWeights]:
-    return [
-        blending_pb2.RegionWeights(
-            mask=_bytes(region.mask, inline),
-            mask_sha256=region.mask.sha256,
-            style_weights=region.style_weights,
-        )
-        for region in plan.regions
-    ]
 
 
 class Runs:

@@ -94,7 +94,6 @@ class Result:
     first_losses: Losses
     final_losses: Losses
     finished_early: bool
-    updates: tuple[tuple[int, int], ...]  # (update_id, iteration it took effect at)
 
 
 Event = Progress | Preview | Result
@@ -257,7 +256,7 @@ def reconstruct(
     scales, weights = list(job.scales), job.loss_weights
     total = sum(scale.iterations for scale in scales)
     image = start_image(job, device)
-    applied: list[tuple[int, int]] = []
+    last_update = (0, 0)  # (update_id, the iteration it took effect at): progress says it
     latest: list[Losses] = []
     first: Losses | None = None
     done, started = 0, time.perf_counter()
@@ -288,7 +287,7 @@ def reconstruct(
                 )
                 if job.optimizer == "lbfgs":  # its curvature history belongs to the old targets
                     optimizer = make_optimizer(job, image)
-                applied.append((update.update_id, done + 1))
+                last_update = (update.update_id, done + 1)
             if control.cancel.is_set():
                 break
             optimizer.step(closure)  # type: ignore[arg-type]
@@ -296,7 +295,6 @@ def reconstruct(
                 image.clamp_(0, 1)
             done += 1
             first = first or latest[0]
-            last_update = applied[-1] if applied else (0, 0)
             yield Progress(
                 done, total, index, len(scales), targets.width, targets.height, latest[-1],
                 done / (time.perf_counter() - started), *last_update,
@@ -317,5 +315,4 @@ def reconstruct(
         first_losses=first or final_losses,
         final_losses=final_losses,
         finished_early=done < total,
-        updates=tuple(applied),
     )
