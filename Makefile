@@ -156,6 +156,9 @@ bench-fast: install $(BENCH_FAST_MODEL)/fast.json
 # weights), one 512 px iteration per CPU option, and peak memory against canvas size, whole
 # and tiled: out/bench/peer.md, iteration.md, large.md. Last, the features service's memory
 # after varied sizes per CPU arena setting, and each one's extraction time: features-memory.md.
+# Then the bytes between the graph's processes, counted on the wire by a proxy on every link,
+# per session and per slider move at 256 and 512 px, slider-to-preview latency, and the
+# processes' memory with 8 sessions at once (issue 13): wire.md.
 BENCH_ARGS ?=
 bench: install
 	$(PY) -m bench.graph --out out/bench $(BENCH_ARGS)
@@ -163,6 +166,7 @@ bench: install
 	$(PY) -m bench.iteration --out out/bench
 	$(PY) -m bench.large --out out/bench
 	$(PY) -m bench.features_memory --out out/bench
+	$(PY) -m bench.wire --out out/bench
 
 # A 2048 px picture made coarse to fine, tiled beyond 512 px (out/bench/large-2048.jpg).
 bench-large-picture: install
