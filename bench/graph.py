@@ -35,7 +35,6 @@ import platform
 import queue
 import random
 import resource
-import statistics
 import subprocess
 import tempfile
 import threading
@@ -53,6 +52,7 @@ from styleblend.internal.v1 import blending_pb2, features_pb2, reconstruction_pb
 from styleblend.v1 import styleblend_pb2 as pb
 from styleblend.v1 import styleblend_pb2_grpc
 
+from bench.numbers import cpu_model, spread
 from export.models import load_feature_net
 from services.common import images
 from services.common.config import (
@@ -103,18 +103,6 @@ class Settings:
 
 
 # --- numbers -------------------------------------------------------------------------------
-def spread(samples: list[float]) -> dict[str, float]:
-    """Median, min, max and count of samples (already in the unit wanted)."""
-    if not samples:
-        return {"median": float("nan"), "min": float("nan"), "max": float("nan"), "n": 0}
-    return {
-        "median": statistics.median(samples),
-        "min": min(samples),
-        "max": max(samples),
-        "n": len(samples),
-    }
-
-
 def write_report(out: Path, name: str, data: object, markdown: str) -> None:
     """`name`.json (the data) and `name`.md (the table) under `out`."""
     (out / f"{name}.json").write_text(json.dumps(data, indent=2) + "\n")
@@ -657,16 +645,6 @@ def measure_size(graph: Graph, settings: Settings, size: int) -> dict[str, Any]:
 
 
 # --- the report ----------------------------------------------------------------------------
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def commit() -> str:
     def git(*args: str) -> str:
         return subprocess.run(

@@ -27,7 +27,8 @@ import torch
 from PIL import Image
 from styleblend.v1 import styleblend_pb2 as pb
 
-from bench.graph import ROOT, Graph, Settings, run_blend, spread, steady_gaps_ms, write_report
+from bench.graph import ROOT, Graph, Settings, run_blend, steady_gaps_ms, write_report
+from bench.numbers import spread
 from services.common import images
 from services.reconstruction import core
 

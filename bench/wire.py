@@ -41,7 +41,6 @@ import queue
 import secrets
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -57,6 +56,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from styleblend.v1 import styleblend_pb2 as pb
 from styleblend.v1 import styleblend_pb2_grpc
 from tqdm import tqdm
+
+from bench.numbers import cpu_model, spread
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "clients" / "samples"  # the inputs are this checkout's, whatever --root is
@@ -499,17 +500,6 @@ def run_session(
     return Run(events, sent, time.perf_counter() - started)
 
 
-def spread(samples: list[float]) -> dict[str, float]:
-    if not samples:
-        return {"median": float("nan"), "min": float("nan"), "max": float("nan"), "n": 0}
-    return {
-        "median": statistics.median(samples),
-        "min": min(samples),
-        "max": max(samples),
-        "n": len(samples),
-    }
-
-
 def latency(run: Run) -> dict[str, Any]:
     """Each move until the first Progress that carries it, and until the preview after that."""
     rows = []
@@ -746,16 +736,6 @@ def commit(root: Path) -> str:
         return head + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def run(

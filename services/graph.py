@@ -292,6 +292,24 @@ def start_studio(gateway: GatewayConfig, grpc_port: int) -> WebServer:
 Inner = Callable[[str, SecretStr], list[Servicer]]
 
 
+def wired_to(
+    gateway: GatewayConfig,
+    features: str,
+    blending: str,
+    reconstruction: str,
+    secret: SecretStr | None,
+) -> GatewayConfig:
+    """The gateway's config calling the three services there, with the graph's secret."""
+    return gateway.model_copy(
+        update={
+            "features_address": features,
+            "blending_address": blending,
+            "reconstruction_address": reconstruction,
+            "internal_token": secret,
+        }
+    )
+
+
 def serve_all_in_one(
     gateway: GatewayConfig,
     inner: Inner | None = None,
@@ -316,14 +334,7 @@ def serve_all_in_one(
 
     def wire_to(port: int) -> list[Servicer]:
         own = loopback_address(gateway.host, port)
-        wired = gateway.model_copy(
-            update={
-                "features_address": own,
-                "blending_address": own,
-                "reconstruction_address": own,
-                "internal_token": secret,
-            }
-        )
+        wired = wired_to(gateway, own, own, own, secret)
         return [*build_inner(own, secret), build_gateway(wired, metrics)]
 
     return start_server(
@@ -404,14 +415,7 @@ def start_local_graph(
     )
     wired = reconstruction.model_copy(update={"blending_address": blends, "internal_token": token})
     rebuilds = serve("reconstruction", build_reconstruction(wired, metrics["reconstruction"]))
-    config = gateway.model_copy(
-        update={
-            "features_address": own,
-            "blending_address": blends,
-            "reconstruction_address": rebuilds,
-            "internal_token": token,
-        }
-    )
+    config = wired_to(gateway, own, blends, rebuilds, token)
     build = gateway_servicer or (
         lambda wired_config: build_gateway(wired_config, metrics["gateway"])
     )
