@@ -82,7 +82,8 @@ def build_features(config: FeaturesConfig, metrics: ServiceMetrics | None = None
         max_side_px=config.max_extract_side_px,
         max_pixels=config.max_extract_pixels,
     )
-    return features_servicer(extractor, fast, metrics, config.image_store_bytes)
+    holder = config.advertise_address or ""
+    return features_servicer(extractor, fast, metrics, config.image_store_bytes, holder)
 
 
 def build_blending(config: BlendingConfig) -> Servicer:
@@ -94,6 +95,7 @@ def build_blending(config: BlendingConfig) -> Servicer:
         config.image_store_bytes,
         config.target_store_bytes,
         config.source_cache_bytes,
+        config.advertise_address or "",
     )
 
 

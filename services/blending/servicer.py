@@ -28,7 +28,9 @@ from services.common.stylemix import Region
 class TensorSource(Protocol):
     """Where tensors named by key come from: the features service (channels.FeatureTensors)."""
 
-    def tensors(self, keys: Sequence[str]) -> dict[str, np.ndarray]: ...
+    def tensors(self, keys: Sequence[str], at: str = "") -> dict[str, np.ndarray]:
+        """`at`: the replica that holds them; "": the service's own address."""
+        ...
 
 
 def channel_message(channel: StyleChannel) -> blending_pb2.StyleChannel:
@@ -63,8 +65,10 @@ class BlendingServicer(blending_pb2_grpc.BlendingServiceServicer):
         image_store_bytes: int = IMAGE_STORE_BYTES,
         target_store_bytes: int = TARGET_STORE_BYTES,
         source_cache_bytes: int = SOURCE_CACHE_BYTES,
+        holder: str = "",
     ) -> None:
         self.features = features
+        self.holder = holder  # where reconstruction fetches what this replica keeps
         self.images = ImageStore(image_store_bytes, "blending")
         self.targets: Store[blending_pb2.BlendTargetsResponse] = Store(
             target_store_bytes, lambda message: message.ByteSize()
@@ -76,7 +80,7 @@ class BlendingServicer(blending_pb2_grpc.BlendingServiceServicer):
     ) -> blending_pb2.BlendTargetsResponse:
         key = targets_key(request) if request.by_reference else ""
         if key and key in self.targets:  # the same blend again (an update that changed nothing)
-            return blending_pb2.BlendTargetsResponse(key=key)
+            return blending_pb2.BlendTargetsResponse(key=key, holder=self.holder)
         fetched = self._fetch(request)
         sources = [
             SourceFeatures(
@@ -111,7 +115,7 @@ class BlendingServicer(blending_pb2_grpc.BlendingServiceServicer):
                 f"targets of {response.ByteSize():,} bytes do not fit the target store of "
                 f"{self.targets.budget_bytes:,} (STYLEBLEND_TARGET_STORE_BYTES)"
             )
-        return blending_pb2.BlendTargetsResponse(key=key)
+        return blending_pb2.BlendTargetsResponse(key=key, holder=self.holder)
 
     def FetchTargets(
         self, request: blending_pb2.FetchTargetsRequest, context: grpc.ServicerContext
@@ -127,23 +131,24 @@ class BlendingServicer(blending_pb2_grpc.BlendingServiceServicer):
 
     # --- references ----------------------------------------------------------------------------
     def _fetch(self, request: blending_pb2.BlendTargetsRequest) -> dict[str, np.ndarray]:
-        """Every tensor the sources name by key: from the cache, the rest from features in one
-        call."""
-        wanted = {
-            key
-            for source in request.sources
-            for keys in (source.gram_keys, source.feature_keys)
-            for key in keys.values()
-        }
-        found = {key: array for key in wanted if (array := self.fetched.get(key)) is not None}
-        missing = sorted(wanted - set(found))
-        if missing:
-            if self.features is None:
-                raise FailedPrecondition(
-                    "this blending service has no features service to fetch tensors from "
-                    "(STYLEBLEND_FEATURES_ADDRESS)"
-                )
-            for key, array in self.features.tensors(missing).items():
+        """Every tensor the sources name by key: from the cache, the rest from the features
+        replica that holds them, one call each."""
+        holders: dict[str, str] = {}  # key -> the replica that holds it
+        for source in request.sources:
+            holders |= {key: source.grams_holder for key in source.gram_keys.values()}
+            holders |= {key: source.features_holder for key in source.feature_keys.values()}
+        found = {key: array for key in holders if (array := self.fetched.get(key)) is not None}
+        missing: dict[str, list[str]] = {}
+        for key in sorted(set(holders) - set(found)):
+            missing.setdefault(holders[key], []).append(key)
+        if missing and self.features is None:
+            raise FailedPrecondition(
+                "this blending service has no features service to fetch tensors from "
+                "(STYLEBLEND_FEATURES_ADDRESS)"
+            )
+        for holder, keys in missing.items():
+            assert self.features is not None
+            for key, array in self.features.tensors(keys, at=holder).items():
                 self.fetched.put(key, array)
                 found[key] = array
         return found
@@ -186,9 +191,12 @@ def blending_servicer(
     image_store_bytes: int = IMAGE_STORE_BYTES,
     target_store_bytes: int = TARGET_STORE_BYTES,
     source_cache_bytes: int = SOURCE_CACHE_BYTES,
+    holder: str = "",
 ) -> Servicer:
     return Servicer(
         blending_pb2.DESCRIPTOR.services_by_name["BlendingService"].full_name,
-        BlendingServicer(features, image_store_bytes, target_store_bytes, source_cache_bytes),
+        BlendingServicer(
+            features, image_store_bytes, target_store_bytes, source_cache_bytes, holder
+        ),
         blending_pb2_grpc.add_BlendingServiceServicer_to_server,
     )

@@ -4,7 +4,10 @@ tensors and reconstruction calls blending for targets (tensors move by reference
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
 from typing import TypeVar
 
 import grpc
@@ -97,9 +100,16 @@ def internal_metadata(config: ServiceConfig) -> tuple[tuple[str, str], ...]:
 class Peer:
     """One internal service as another one calls it: a channel and the graph's credential."""
 
-    def __init__(self, config: ServiceConfig, service: str, address: str) -> None:
+    def __init__(
+        self, config: ServiceConfig, service: str, address: str, tls_name: str | None = None
+    ) -> None:
+        """`tls_name`: the name the server's certificate carries, when `address` is not it
+        (a replica's pod IP; its certificate names the service)."""
         self.config, self.service, self.address = config, service, address
-        self.channel = open_channel(address, upstream_credentials(config), channel_options(config))
+        options = channel_options(config)
+        if tls_name and config.upstream_ca_file is not None:
+            options.append(("grpc.ssl_target_name_override", tls_name))
+        self.channel = open_channel(address, upstream_credentials(config), options)
         self.metadata = internal_metadata(config)
 
     def call(
@@ -118,26 +128,77 @@ class Peer:
         self.channel.close()
 
 
+def _host(address: str) -> str:
+    """ "dns:///features-headless:50052" -> "features-headless"."""
+    target = address.rsplit("/", 1)[-1]
+    return target.rsplit(":", 1)[0].strip("[]")
+
+
+class Replicas:
+    """A service's replicas as another service fetches from them: the one named by a
+    reference's holder, or the service's own address (round robin over its replicas)."""
+
+    MAX_HOLDERS = 64  # channels kept to individual replicas; a replaced pod's goes first
+
+    def __init__(self, config: ServiceConfig, service: str, address: str) -> None:
+        self.config, self.service = config, service
+        self.default = Peer(config, service, address)
+        self._holders: OrderedDict[str, Peer] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def at(self, holder: str) -> Peer:
+        if not holder or holder == self.default.address:
+            return self.default
+        with self._lock:
+            peer = self._holders.get(holder)
+            if peer is None:
+                peer = Peer(self.config, self.service, holder, _host(self.default.address))
+                self._holders[holder] = peer
+                if len(self._holders) > self.MAX_HOLDERS:
+                    self._holders.popitem(last=False)[1].close()
+            self._holders.move_to_end(holder)
+            return peer
+
+    @contextlib.contextmanager
+    def gone_is_not_held(self, peer: Peer, kind: str, remedy: str) -> Iterator[None]:
+        """A replica named by a reference that no longer answers took what it kept with it:
+        that is NotHeld (the caller recomputes), not the whole service being down."""
+        try:
+            yield
+        except errors.Unavailable as error:
+            if peer is self.default:
+                raise
+            raise errors.NotHeld(
+                kind,
+                f"the {self.service} replica at {peer.address} that held it is gone "
+                f"({error}); {remedy}",
+            ) from None
+
+
 class FeatureTensors:
-    """The features service's kept tensors, for blending: `tensors(keys)`."""
+    """The features service's kept tensors, for blending: `tensors(keys, at)`."""
 
     def __init__(self, config: ServiceConfig, address: str) -> None:
-        self.peer = Peer(config, "features", address)
-        self._stub = features_pb2_grpc.FeaturesServiceStub(self.peer.channel)
+        self.replicas = Replicas(config, "features", address)
 
-    def tensors(self, keys: Sequence[str]) -> dict[str, np.ndarray]:
+    def tensors(self, keys: Sequence[str], at: str = "") -> dict[str, np.ndarray]:
+        peer = self.replicas.at(at)
+        stub = features_pb2_grpc.FeaturesServiceStub(peer.channel)
         request = features_pb2.FetchTensorsRequest(keys=keys)
-        answer = self.peer.call(self._stub.FetchTensors, request)
+        with self.replicas.gone_is_not_held(peer, "tensor", "extract them again"):
+            answer = peer.call(stub.FetchTensors, request)
         return {key: wire.from_tensor(answer.tensors[key], key) for key in keys}
 
 
 class BlendedTargets:
-    """The blending service's kept targets, for reconstruction: `targets(key)`."""
+    """The blending service's kept targets, for reconstruction: `targets(key, at)`."""
 
     def __init__(self, config: ServiceConfig, address: str) -> None:
-        self.peer = Peer(config, "blending", address)
-        self._stub = blending_pb2_grpc.BlendingServiceStub(self.peer.channel)
+        self.replicas = Replicas(config, "blending", address)
 
-    def targets(self, key: str) -> blending_pb2.BlendTargetsResponse:
-        request = blending_pb2.FetchTargetsRequest(key=key)
-        return self.peer.call(self._stub.FetchTargets, request).targets
+    def targets(self, key: str, at: str = "") -> blending_pb2.BlendTargetsResponse:
+        peer = self.replicas.at(at)
+        stub = blending_pb2_grpc.BlendingServiceStub(peer.channel)
+        with self.replicas.gone_is_not_held(peer, "targets", "blend them again"):
+            answer = peer.call(stub.FetchTargets, blending_pb2.FetchTargetsRequest(key=key))
+        return answer.targets

@@ -63,6 +63,11 @@ class ServiceConfig(BaseSettings):
         "`styleblend up` makes a new one each start",
     )
     upstream_timeout_s: float = Field(30.0, gt=0, description="deadline of one upstream call")
+    # Replicas of features and blending keep what they made; callers fetch it from the one
+    # that holds it. Unset: callers use the address they are configured with (one replica).
+    advertise_address: str | None = Field(
+        None, description="this replica's own address, host:port, for fetches of what it keeps"
+    )
     # TLS to the services this one calls (the gateway: all three; blending: features;
     # reconstruction: blending; the studio's bridge: the gateway): a CA turns it on; a client
     # certificate and key answer servers that ask for one (mutual TLS).

@@ -31,8 +31,10 @@ class FeaturesServicer(features_pb2_grpc.FeaturesServiceServicer):
         fast: FastModels | None = None,
         metrics: ServiceMetrics | None = None,
         image_store_bytes: int = IMAGE_STORE_BYTES,
+        holder: str = "",
     ) -> None:
         self.extractor = extractor
+        self.holder = holder  # where blending fetches what this replica keeps; "": anywhere
         self.fast = fast
         self.images = ImageStore(image_store_bytes, "features")
         metrics = metrics or ServiceMetrics("features")
@@ -80,6 +82,7 @@ class FeaturesServicer(features_pb2_grpc.FeaturesServiceServicer):
                 gram_keys=extraction.gram_keys,
                 feature_keys=extraction.feature_keys,
                 cached=extraction.cached,
+                holder=self.holder,
             )
         return features_pb2.ExtractResponse(
             grams=wire.to_layer_tensors(extraction.grams),
@@ -163,9 +166,10 @@ def features_servicer(
     fast: FastModels | None = None,
     metrics: ServiceMetrics | None = None,
     image_store_bytes: int = IMAGE_STORE_BYTES,
+    holder: str = "",
 ) -> Servicer:
     return Servicer(
         features_pb2.DESCRIPTOR.services_by_name["FeaturesService"].full_name,
-        FeaturesServicer(extractor, fast, metrics, image_store_bytes),
+        FeaturesServicer(extractor, fast, metrics, image_store_bytes, holder),
         features_pb2_grpc.add_FeaturesServiceServicer_to_server,
     )

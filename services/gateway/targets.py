@@ -91,19 +91,20 @@ class Targets:
         tensors and blending fetches them itself, so only keys and weights pass through here.
         A tensor evicted in between is extracted again, once."""
         try:
-            key = self._blended(plan, scale)
+            blended = self._blended(plan, scale)
         except NotHeld as error:
             if error.kind != "tensor":
                 raise
-            key = self._blended(plan, scale)
+            blended = self._blended(plan, scale)
         return reconstruction_pb2.ScaleTargets(
             width_px=scale.width,
             height_px=scale.height,
             iterations=scale.iterations,
-            targets_key=key,
+            targets_key=blended.key,
+            targets_holder=blended.holder,
         )
 
-    def _blended(self, plan: Plan, scale: Scale) -> str:
+    def _blended(self, plan: Plan, scale: Scale) -> blending_pb2.BlendTargetsResponse:
         keyed = [self._features(plan, source, scale) for source in plan.sources]
 
         def request(inline: bool) -> blending_pb2.BlendTargetsRequest:
@@ -125,7 +126,7 @@ class Targets:
                 by_reference=True,
             )
 
-        return sent_once(lambda inline: self.upstreams.blend_targets(request(inline))).key
+        return sent_once(lambda inline: self.upstreams.blend_targets(request(inline)))
 
     def _features(
         self, plan: Plan, source: PlannedSource, scale: Scale
@@ -144,6 +145,7 @@ class Targets:
                 color = features_pb2.COLOR_TRANSFORM_MATCH
             extracted = self._extract(source, width, height, plan.style_layers, [], color, content)
             features.gram_keys.update(extracted.gram_keys)
+            features.grams_holder = extracted.holder
         if source.content_weight > 0:
             # Luminance mode optimises a grey image: its content is the source's own luminance.
             luminance = plan.preserve_color == "luminance"
@@ -157,6 +159,7 @@ class Targets:
                 source, scale.width, scale.height, [], plan.content_layers, color, own
             )
             features.feature_keys.update(extracted.feature_keys)
+            features.features_holder = extracted.holder
         return features
 
     def _styled(self, plan: Plan, source: PlannedSource) -> bool:

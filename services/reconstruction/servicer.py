@@ -34,7 +34,9 @@ log = logging.getLogger(__name__)
 class TargetSource(Protocol):
     """Where targets named by key come from: the blending service (channels.BlendedTargets)."""
 
-    def targets(self, key: str) -> blending_pb2.BlendTargetsResponse: ...
+    def targets(self, key: str, at: str = "") -> blending_pb2.BlendTargetsResponse:
+        """`at`: the replica that holds them; "": the service's own address."""
+        ...
 
 
 def to_scale(
@@ -49,7 +51,7 @@ def to_scale(
                 f"{what}.targets_key: this reconstruction service has no blending service to "
                 "fetch targets from (STYLEBLEND_BLENDING_ADDRESS)"
             )
-        targets = blending.targets(message.targets_key)
+        targets = blending.targets(message.targets_key, at=message.targets_holder)
     return core.ScaleTargets(
         width=message.width_px,
         height=message.height_px,

@@ -240,6 +240,24 @@ def test_the_gateway_and_the_services_share_the_internal_secret(target: str) -> 
     assert references[0][0] != public["valueFrom"]["secretKeyRef"]["name"], "not the public one"
 
 
+@pytest.mark.parametrize("target", OVERLAYS)
+def test_replicas_that_keep_references_advertise_their_own_address(target: str) -> None:
+    """features and blending keep what they made, and a fetch must reach the replica that
+    made it: each advertises its pod IP and gRPC port, which travel with its references."""
+    deployments = of_kind(render(target), "Deployment")
+    for name in ("features", "blending"):
+        container = main_container(deployments[name])
+        env = {e["name"]: e for e in container["env"]}
+        assert env["POD_IP"]["valueFrom"] == {"fieldRef": {"fieldPath": "status.podIP"}}, name
+        names = [e["name"] for e in container["env"]]
+        assert names.index("POD_IP") < names.index("STYLEBLEND_ADVERTISE_ADDRESS"), name
+        port = grpc_port(deployments[name])
+        assert env["STYLEBLEND_ADVERTISE_ADDRESS"]["value"] == f"$(POD_IP):{port}", name
+    for name in ("gateway", "reconstruction"):  # they keep nothing others fetch
+        others = {e["name"] for e in main_container(deployments[name]).get("env", [])}
+        assert "STYLEBLEND_ADVERTISE_ADDRESS" not in others, name
+
+
 # --- load balancing ---------------------------------------------------------------------------
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -20,20 +21,34 @@ from styleblend.v1 import styleblend_pb2_grpc
 
 from services.blending.servicer import BlendingServicer
 from services.common import images
-from services.common.errors import NotHeld
+from services.common.channels import BlendedTargets, FeatureTensors
+from services.common.config import BlendingConfig, FeaturesConfig
+from services.common.errors import NotHeld, Unavailable
 from services.common.metrics import ServiceMetrics
 from services.common.server import RunningServer
 from services.features.servicer import FeaturesServicer
 from services.gateway.core import Gateway
 from services.gateway.servicer import style_blend_servicer
 from services.gateway.upstream import Upstreams
-from tests.conftest import Graph, address, internal_metadata, sample, serve
+from services.graph import build_blending, build_features
+from services.reconstruction.servicer import ReconstructionServicer, reconstruction_servicer
+from tests.conftest import (
+    INTERNAL_TOKEN,
+    Graph,
+    address,
+    internal_metadata,
+    sample,
+    serve,
+    start_gateway,
+)
 from tests.gateway.test_fast import pixels
 from tests.gateway.test_graph import source
 from tests.gateway.test_session import SCREAM, STARRY, blend, half_mask
+from tests.reliability.processes import free_port
 
 CONTENT = "content/astronaut.jpg"
 UNKNOWN = "0" * 64
+SERVICE_NAMES = ("features", "blending", "reconstruction")
 
 
 def not_held_kind(error: grpc.RpcError) -> str | None:
@@ -357,3 +372,61 @@ def test_the_fast_path_sends_weights_and_map_sha256s_not_a_per_pixel_mix(graph: 
         message.style_mix.sources[2].style_map_sha256 and not message.style_mix.sources[2].style_map
     )
     assert message.ByteSize() < 1024
+
+
+def test_each_fetch_goes_to_the_replica_that_holds_the_key(graph: Graph, vgg19_dir: Path) -> None:
+    """Two replicas of features and of blending: the gateway reaches replica A of each, while
+    blending's and reconstruction's own addresses name replica B (the shared graph's, emptied
+    first). Each reference carries its holder's address, so every fetch finds its key at A."""
+    _, blending_b = services(graph)
+    graph.extractor.clear_cache()
+    blending_b.targets.clear()
+    blending_b.fetched.clear()
+    config = FeaturesConfig(model="vgg19", model_dir=vgg19_dir.parent, fast_model_dir=vgg19_dir)
+    features_a = build_features(config)
+    wiring = BlendingConfig(features_address=address(graph.features), internal_token=INTERNAL_TOKEN)
+    blending_a = build_blending(wiring)
+    own = graph.servicers["reconstruction"].servicer
+    assert isinstance(own, ReconstructionServicer)
+    reconstruction = reconstruction_servicer(
+        own.net, own.manifest, own.device, None, own.planner,
+        BlendedTargets(wiring, address(graph.blending)),
+    )  # fmt: skip
+    servers = [serve(s) for s in (features_a, blending_a, reconstruction)]
+    for server, servicer in zip(servers[:2], (features_a, blending_a), strict=True):
+        servicer.servicer.holder = address(server)  # type: ignore[attr-defined]
+    upstreams = {name: address(s) for name, s in zip(SERVICE_NAMES, servers, strict=True)}
+    gateway, _ = start_gateway(upstreams)
+    start = blend(sources=[source(CONTENT, 0, 1), source(STARRY, 1, 0)], iterations=12)
+    move = pb.SessionUpdate(
+        update_id=1, at_iteration=6, sources=[pb.SourceUpdate(index=1, style_weight=0.5)]
+    )
+    try:
+        events = events_of(
+            gateway, graph, pb.SessionRequest(start=start), pb.SessionRequest(update=move)
+        )
+    finally:
+        for server in (gateway, *servers):
+            server.stop(0)
+    assert not any(e.HasField("update_rejected") for e in events), events
+    progress = [e.progress for e in events if e.HasField("progress")]
+    assert {p.update_id for p in progress[5:]} == {1}
+    assert events[-1].HasField("result")
+    assert graph.extractor.cache_bytes == 0 and blending_b.targets.nbytes == 0  # B held nothing
+    assert features_a.servicer.extractor.forward_passes >= 2  # type: ignore[attr-defined]
+
+
+def test_a_holder_that_is_gone_is_not_held_but_a_service_down_is_unavailable(graph: Graph) -> None:
+    """A replica that went away took its tensors with it: the caller is told NotHeld and
+    recomputes elsewhere. The service's own address not answering is the service down."""
+    config = BlendingConfig(internal_token=INTERNAL_TOKEN, upstream_timeout_s=2.0)
+    gone = f"127.0.0.1:{free_port()}"
+    with pytest.raises(NotHeld) as caught:
+        FeatureTensors(config, address(graph.features)).tensors([UNKNOWN], at=gone)
+    assert caught.value.kind == "tensor"
+    assert f"the features replica at {gone} that held it is gone" in str(caught.value)
+    with pytest.raises(Unavailable):
+        FeatureTensors(config, gone).tensors([UNKNOWN])
+    with pytest.raises(NotHeld) as targets:  # and the same for blending's targets
+        BlendedTargets(config, address(graph.blending)).targets(UNKNOWN, at=gone)
+    assert targets.value.kind == "targets"
