@@ -104,3 +104,31 @@ def recipe_json(
         ],
     }
     return json.dumps(recipe, indent=2)
+
+
+class Applied:
+    """Where each update took effect, as the progress events report it: the recipe's history."""
+
+    def __init__(self) -> None:
+        self._points: list[tuple[int, int]] = []  # (update_id, iteration), in order
+
+    def record(self, update_id: int, iteration: int) -> None:
+        if update_id and (not self._points or self._points[-1] != (update_id, iteration)):
+            self._points.append((update_id, iteration))
+
+    def history(
+        self, received: dict[int, styleblend_pb2.SessionUpdate]
+    ) -> list[tuple[int, styleblend_pb2.SessionUpdate]]:
+        """(iteration, update) for every update in effect by the end, in arrival order.
+
+        `received`: the updates taken, by id, in arrival order. An applied update carries the
+        ones coalesced into it (each applies on top of the one before), so they are all
+        recorded at the iteration where it took effect.
+        """
+        arrived = list(received)
+        history, start = [], 0
+        for update_id, iteration in self._points:
+            end = arrived.index(update_id) + 1
+            history += [(iteration, received[u]) for u in arrived[start:end]]
+            start = end
+        return history

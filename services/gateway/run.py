@@ -24,8 +24,9 @@ from services.common import images
 from services.common.config import GatewayConfig
 from services.common.errors import FailedPrecondition, StyleBlendError, Unavailable
 from services.common.manifest import Manifest
+from services.common.updates import coalesced
 from services.gateway.plan import Plan, Uploads, apply_update
-from services.gateway.recipe import RECIPE_KEY, recipe_json
+from services.gateway.recipe import RECIPE_KEY, Applied, recipe_json
 from services.gateway.targets import ReconstructStream, Targets, Upstreams
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,7 @@ class BlendRun:
         self._received: dict[int, styleblend_pb2.SessionUpdate] = {}
         self._plans: dict[int, Plan] = {}
         self._plans_lock = threading.Lock()
-        self._applied: list[tuple[int, int]] = []  # (update_id, iteration)
+        self._applied = Applied()  # where each update took effect, for the recipe
         self._stream: ReconstructStream | None = None
         self._lock = threading.Lock()  # orders starting the stream against cancel and shutdown
         self._cancelled = threading.Event()
@@ -217,10 +218,9 @@ class BlendRun:
             while not self._work.empty():
                 batch.append(self._work.get_nowait())
             taken = [update for update in batch if self._plan_of(update) is not None]
-            # Coalesce: of the updates due as soon as possible only the latest matters (its plan
-            # has the ones before it); the ones for a fixed iteration are kept. All go in the
-            # order they came.
-            soon = [update for update in taken if not update.at_iteration]
+            # Of the updates due as soon as possible only the latest gets targets; the ones for a
+            # fixed iteration all do (the reconstruction coalesces those). All go in order.
+            soon, _ = coalesced(taken, lambda update: not update.at_iteration)
             for update in taken:
                 if self._cancelled.is_set():
                     return
@@ -294,7 +294,7 @@ class BlendRun:
             self._refuse(update, error)
             return
         if self._fast_only_run():
-            self._applied.append((update.update_id, 0))
+            self._applied.record(update.update_id, 0)
         self._outbox.put(self._fast_preview(update.update_id))
 
     def _fast_preview(self, update_id: int) -> styleblend_pb2.BlendEvent:
@@ -350,31 +350,15 @@ class BlendRun:
     def _annotated(self, event: styleblend_pb2.BlendEvent) -> styleblend_pb2.BlendEvent:
         """Note which updates took effect where; put the recipe on the result."""
         if event.HasField("progress"):
-            progress = event.progress
-            applied = (progress.update_id, progress.update_iteration)
-            if progress.update_id and (not self._applied or self._applied[-1] != applied):
-                self._applied.append(applied)
+            self._applied.record(event.progress.update_id, event.progress.update_iteration)
         elif event.HasField("result"):
-            recipe = recipe_json(self.plan, self.first, self.manifest, self._history())
+            with self._plans_lock:
+                received = dict(self._received)
+            history = self._applied.history(received)
+            recipe = recipe_json(self.plan, self.first, self.manifest, history)
             event.result.recipe_json = recipe
             event.result.image = images.with_text(event.result.image, RECIPE_KEY, recipe)
         return event
-
-    def _history(self) -> list[tuple[int, styleblend_pb2.SessionUpdate]]:
-        """(iteration, update) for every update in effect by the end, in arrival order.
-
-        An applied update carries the ones coalesced into it (each applies on top of the one
-        before), so they are all recorded at the iteration where it took effect.
-        """
-        with self._plans_lock:
-            received = dict(self._received)
-        arrived = list(received)
-        history, start = [], 0
-        for update_id, iteration in self._applied:
-            end = arrived.index(update_id) + 1
-            history += [(iteration, received[u]) for u in arrived[start:end]]
-            start = end
-        return history
 
 
 class Runs:

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from services.common.colour import with_chrominance
 from services.common.errors import InvalidArgument
+from services.common.updates import coalesced
 from services.reconstruction.objective import (
     FeatureNet,
     Losses,
@@ -100,7 +101,7 @@ Event = Progress | Preview | Result
 
 
 class Updates:
-    """Updates posted from another thread; only the latest ready one matters (coalescing)."""
+    """Updates posted from another thread; of those due, the latest is taken (coalesced)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -133,8 +134,7 @@ class Updates:
                 if control.cancel.is_set() or control.finish.is_set():
                     return None
                 self._arrived.wait(timeout=0.05)
-            due = [u for u in self._pending if u.at_iteration <= iteration]
-            self._pending = [u for u in self._pending if u.at_iteration > iteration]
+            due, self._pending = coalesced(self._pending, lambda u: u.at_iteration <= iteration)
         return due[-1] if due else None
 
 
