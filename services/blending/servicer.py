@@ -70,7 +70,7 @@ class BlendingServicer(blending_pb2_grpc.BlendingServiceServicer):
         self.features = features
         self.holder = holder  # where reconstruction fetches what this replica keeps
         self.images = ImageStore(image_store_bytes, "blending")
-        self.targets: Store[blending_pb2.BlendTargetsResponse] = Store(
+        self.targets: Store[blending_pb2.FetchTargetsResponse] = Store(
             target_store_bytes, lambda message: message.ByteSize()
         )
         self.fetched: Store[np.ndarray] = Store(source_cache_bytes, lambda array: array.nbytes)
@@ -80,6 +80,7 @@ class BlendingServicer(blending_pb2_grpc.BlendingServiceServicer):
     ) -> blending_pb2.BlendTargetsResponse:
         key = targets_key(request) if request.by_reference else ""
         if key and key in self.targets:  # the same blend again (an update that changed nothing)
+            self._keep_maps(request)
             return blending_pb2.BlendTargetsResponse(key=key, holder=self.holder)
         fetched = self._fetch(request)
         sources = [
@@ -110,11 +111,14 @@ class BlendingServicer(blending_pb2_grpc.BlendingServiceServicer):
         )
         if not key:
             return response
-        if not self.targets.put(key, response):
+        # Kept as FetchTargets answers it: made (and measured) once, sent as it is each fetch.
+        kept = blending_pb2.FetchTargetsResponse(targets=response)
+        if not self.targets.put(key, kept):
             raise ResourceExhausted(
-                f"targets of {response.ByteSize():,} bytes do not fit the target store of "
+                f"targets of {kept.ByteSize():,} bytes do not fit the target store of "
                 f"{self.targets.budget_bytes:,} (STYLEBLEND_TARGET_STORE_BYTES)"
             )
+        self._keep_maps(request)
         return blending_pb2.BlendTargetsResponse(key=key, holder=self.holder)
 
     def FetchTargets(
@@ -127,7 +131,7 @@ class BlendingServicer(blending_pb2_grpc.BlendingServiceServicer):
                 f"targets {request.key[:12]}… are no longer held by the blending service "
                 "(evicted, or never made here); blend them again",
             )
-        return blending_pb2.FetchTargetsResponse(targets=targets)
+        return targets
 
     # --- references ----------------------------------------------------------------------------
     def _fetch(self, request: blending_pb2.BlendTargetsRequest) -> dict[str, np.ndarray]:
@@ -170,6 +174,14 @@ class BlendingServicer(blending_pb2_grpc.BlendingServiceServicer):
         encoded = self.images.resolve(data, sha256, what)
         return (
             images.to_mask(encoded, request.width_px, request.height_px, what) if encoded else None
+        )
+
+    def _keep_maps(self, request: blending_pb2.BlendTargetsRequest) -> None:
+        """The maps a successful request brought, for next time by sha256."""
+        self.images.keep(
+            *(source.style_map for source in request.sources),
+            *(source.content_map for source in request.sources),
+            *(region.mask for region in request.regions),
         )
 
     def _regions(self, request: blending_pb2.BlendTargetsRequest) -> list[Region]:

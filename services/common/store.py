@@ -28,21 +28,26 @@ class Store(Generic[V]):
     """Values by key within a byte budget; a value larger than the whole budget is not kept."""
 
     def __init__(self, budget_bytes: int, size_of: Callable[[V], int]) -> None:
-        self._values: LRUCache[str, V] = LRUCache(maxsize=budget_bytes, getsizeof=size_of)
+        # (value, its size): measured once, at put (a message's ByteSize walks all of it)
+        self._values: LRUCache[str, tuple[V, int]] = LRUCache(
+            maxsize=budget_bytes, getsizeof=lambda held: held[1]
+        )
         self._size_of = size_of
         self._lock = threading.Lock()
 
     def put(self, key: str, value: V) -> bool:
         """Keep `value`; False when it is too large for the budget (and so not kept)."""
-        if self._size_of(value) > self._values.maxsize:
+        size = self._size_of(value)
+        if size > self._values.maxsize:
             return False
         with self._lock:
-            self._values[key] = value
+            self._values[key] = (value, size)
         return True
 
     def get(self, key: str) -> V | None:
         with self._lock:
-            return self._values.get(key)
+            held = self._values.get(key)
+        return held[0] if held is not None else None
 
     def __contains__(self, key: str) -> bool:
         with self._lock:
@@ -70,15 +75,15 @@ class ImageStore:
         self.service = service
 
     def resolve(self, data: bytes, sha256: str, what: str) -> bytes:
-        """The image a request means: its bytes (kept for next time), or the ones its sha256
-        names; b"" when it gives neither."""
+        """The image a request means: its bytes, or the ones its sha256 names; b"" when it
+        gives neither. Bytes are kept only by `keep`, once the request has succeeded, so a
+        refused request leaves the store as it was."""
         if data:
             own = images.sha256(data)
             if sha256 and sha256 != own:
                 raise InvalidArgument(
                     f"{what}: the bytes' sha256 is {own[:12]}…, the request says {sha256[:12]}…"
                 )
-            self._images.put(own, data)
             return data
         if not sha256:
             return b""
@@ -90,6 +95,12 @@ class ImageStore:
                 "(evicted, or never sent here); send its bytes",
             )
         return held
+
+    def keep(self, *sent: bytes) -> None:
+        """Keep the bytes a successful request brought, for next time by sha256."""
+        for data in sent:
+            if data:
+                self._images.put(images.sha256(data), data)
 
     def clear(self) -> None:
         self._images.clear()

@@ -71,6 +71,7 @@ class FeaturesServicer(features_pb2_grpc.FeaturesServiceServicer):
             reference,
         )
         self.cache_lookups.labels("hit" if extraction.cached else "miss").inc()
+        self.images.keep(request.image, request.color_reference)
         if request.by_reference:
             if not extraction.kept:
                 raise ResourceExhausted(
@@ -125,6 +126,12 @@ class FeaturesServicer(features_pb2_grpc.FeaturesServiceServicer):
             request.height_px,
             mix,
             request.keep_chrominance,
+        )
+        mix_of = request.style_mix
+        self.images.keep(
+            request.image,
+            *(source.style_map for source in mix_of.sources),
+            *(region.mask for region in mix_of.regions),
         )
         return features_pb2.StyliseResponse(image=pixels, milliseconds=milliseconds)
 

@@ -430,3 +430,27 @@ def test_a_holder_that_is_gone_is_not_held_but_a_service_down_is_unavailable(gra
     with pytest.raises(NotHeld) as targets:  # and the same for blending's targets
         BlendedTargets(config, address(graph.blending)).targets(UNKNOWN, at=gone)
     assert targets.value.kind == "targets"
+
+
+def test_a_refused_request_leaves_the_image_store_as_it_was(graph: Graph) -> None:
+    """Bytes are kept only once the request they came with has succeeded."""
+    features, _ = services(graph)
+    features.images.clear()
+    grass = sample("style/grass.jpg")
+    refused = features_pb2.ExtractRequest(
+        image=grass, width_px=64, height_px=64, gram_layers=["no_such_layer"]
+    )
+    with pytest.raises(grpc.RpcError) as caught:
+        features_stub(graph).Extract(refused, metadata=internal_metadata(graph))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert features.images.nbytes == 0
+    by_sha = features_pb2.ExtractRequest(
+        image_sha256=images.sha256(grass), width_px=64, height_px=64, gram_layers=["relu1_1"]
+    )
+    with pytest.raises(grpc.RpcError) as missing:
+        features_stub(graph).Extract(by_sha, metadata=internal_metadata(graph))
+    assert not_held_kind(missing.value) == "image"
+    refused.gram_layers[:] = ["relu1_1"]  # the same bytes, asked rightly: now they are kept
+    features_stub(graph).Extract(refused, metadata=internal_metadata(graph))
+    assert features.images.nbytes == len(grass)
+    features_stub(graph).Extract(by_sha, metadata=internal_metadata(graph))
