@@ -9,7 +9,7 @@ weighted by W(p) = Σᵢ cᵢ(p); without maps W is the constant Σ cᵢ.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -26,6 +26,7 @@ class SourceFeatures:
     content_weight: float
     style_map: np.ndarray | None = None  # H×W in [0, 1] at the canvas
     content_map: np.ndarray | None = None
+    means: Mapping[str, np.ndarray] = field(default_factory=dict)  # per layer (C,): universal path
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,9 @@ class StyleChannel:
     mask: np.ndarray | None  # None: everywhere
     grams: dict[str, np.ndarray]
     scale: float  # Σᵢ sₖᵢ
+    # μ*ₖ = Σᵢ sₖᵢμᵢ / Σᵢ sₖᵢ, with the Grams' weights, where the sources carry means: with G*ₖ
+    # it is the mean and second moment of the mixture of the sources' features (WCT).
+    means: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -69,6 +73,16 @@ def weighted_mean(
     return blended
 
 
+def blended_means(
+    sources: Sequence[SourceFeatures], weights: Sequence[float]
+) -> dict[str, np.ndarray]:
+    """μ* with the same weights as G*; empty unless every source weighed carries means."""
+    used = [s for s, w in zip(sources, weights, strict=True) if w > 0]
+    if not used or any(not s.means for s in used):
+        return {}
+    return weighted_mean([s.means for s in sources], weights, "means")
+
+
 def style_channels(
     sources: Sequence[SourceFeatures], regions: Sequence[Region]
 ) -> list[StyleChannel]:
@@ -80,7 +94,12 @@ def style_channels(
     channels = []
     if sum(everywhere) > 0:
         channels.append(
-            StyleChannel(None, weighted_mean(grams, everywhere, "grams"), sum(everywhere))
+            StyleChannel(
+                None,
+                weighted_mean(grams, everywhere, "grams"),
+                sum(everywhere),
+                blended_means(sources, everywhere),
+            )
         )
     for source in sources:
         if source.style_map is not None and source.style_weight > 0:
@@ -89,6 +108,7 @@ def style_channels(
                     source.style_map,
                     weighted_mean([source.grams], [1.0], "grams"),
                     source.style_weight,
+                    blended_means([source], [1.0]),
                 )
             )
     for k, region in enumerate(regions):
@@ -103,7 +123,12 @@ def style_channels(
         ]
         if sum(weights) > 0:
             channels.append(
-                StyleChannel(region.mask, weighted_mean(grams, weights, "grams"), sum(weights))
+                StyleChannel(
+                    region.mask,
+                    weighted_mean(grams, weights, "grams"),
+                    sum(weights),
+                    blended_means(sources, weights),
+                )
             )
     return channels
 
