@@ -31,6 +31,7 @@ from services.common.manifest import MANIFEST_FILE
 from services.common.metrics import ServiceMetrics
 from services.common.security import is_loopback, loopback_address
 from services.common.server import PortInUse, RunningServer, Servicer, Tls, start_server
+from services.common.universalmodel import UNIVERSAL_MANIFEST_FILE
 from services.gateway.core import Gateway
 from services.gateway.servicer import server_threads, style_blend_servicer
 from services.gateway.upstream import Upstreams
@@ -82,8 +83,20 @@ def build_features(config: FeaturesConfig, metrics: ServiceMetrics | None = None
         max_side_px=config.max_extract_side_px,
         max_pixels=config.max_extract_pixels,
     )
+    universal = None
+    if (config.universal_dir / UNIVERSAL_MANIFEST_FILE).is_file():
+        from services.features.universal import UniversalStyliser
+
+        universal = UniversalStyliser(
+            model_folder(config),
+            config.universal_dir,
+            config.intra_op_threads,
+            config.providers,
+            max_side_px=config.max_extract_side_px,
+            max_pixels=config.max_extract_pixels,
+        )
     holder = config.advertise_address or ""
-    return features_servicer(extractor, fast, metrics, config.image_store_bytes, holder)
+    return features_servicer(extractor, fast, metrics, config.image_store_bytes, holder, universal)
 
 
 def build_blending(config: BlendingConfig) -> Servicer:

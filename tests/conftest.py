@@ -104,6 +104,21 @@ def write_fast_model(folder: Path, seed: int = 0) -> Path:
 
 
 @pytest.fixture(scope="session")
+def universal_dir(tmp_path_factory: pytest.TempPathFactory, vgg19_dir: Path) -> Path:
+    """Tiny universal decoders (relu2_1, relu1_1), trained on the sample photos at 64 px by the
+    real training script: enough to invert those layers roughly, in seconds."""
+    from export import train_universal
+
+    folder = tmp_path_factory.mktemp("universal") / "test-universal"
+    config = train_universal.TrainConfig(
+        levels=("relu2_1", "relu1_1"), size_px=64, batch=4, steps=150, lr=3e-3, seed=0
+    )
+    train_universal.train(folder, vgg19_dir, config, progress=False)
+    train_universal.export_decoders(folder, vgg19_dir)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def fast_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_fast_model(tmp_path_factory.mktemp("fast") / "test-model")
 
@@ -171,10 +186,15 @@ def start_gateway(upstreams: dict[str, str], **limits: int) -> tuple[RunningServ
 
 
 @pytest.fixture(scope="session")
-def graph(vgg19_dir: Path, fast_model_dir: Path) -> Iterator[Graph]:
+def graph(vgg19_dir: Path, fast_model_dir: Path, universal_dir: Path) -> Iterator[Graph]:
     models = vgg19_dir.parent
     local = start_local_graph(
-        FeaturesConfig(model="vgg19", model_dir=models, fast_model_dir=fast_model_dir.parent),
+        FeaturesConfig(
+            model="vgg19",
+            model_dir=models,
+            fast_model_dir=fast_model_dir.parent,
+            universal_dir=universal_dir,
+        ),
         ReconstructionConfig(model="vgg19", model_dir=models, device="cpu"),
         GatewayConfig(
             gateway_port=0,

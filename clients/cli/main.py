@@ -65,14 +65,31 @@ def build_parser() -> argparse.ArgumentParser:
     blend.add_argument(
         "--script", type=Path, metavar="FILE", help="timed changes: `at 40: style 0.2,0.8`"
     )
-    blend.add_argument(
+    one_pass = blend.add_mutually_exclusive_group()
+    one_pass.add_argument(
         "--fast", metavar="MODEL", help="an instant image from this trained fast network"
     )
-    blend.add_argument(
-        "--strength", type=float, metavar="S", help="with --fast: 0 (the photo) .. 1 (default)"
+    one_pass.add_argument(
+        "--universal",
+        action="store_true",
+        help="an instant image of any sources from the universal decoders",
     )
     blend.add_argument(
-        "--refine", action="store_true", help="with --fast: optimise on from the network's image"
+        "--levels",
+        nargs="+",
+        metavar="LAYER",
+        help="with --universal: the decoders to use, coarse to fine (default: all loaded)",
+    )
+    blend.add_argument(
+        "--strength",
+        type=float,
+        metavar="S",
+        help="with --fast or --universal: 0 (the photo) .. 1 (default)",
+    )
+    blend.add_argument(
+        "--refine",
+        action="store_true",
+        help="with --fast or --universal: optimise on from the one-pass image",
     )
     blend.add_argument("--preserve-color", choices=("luminance", "histogram"))
     blend.add_argument(
@@ -168,8 +185,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "blend":
         if bool(args.sources) == bool(args.recipe):
             raise SystemExit("styleblend blend: give --source ... or --recipe FILE (not both)")
-        if not args.fast and (args.strength is not None or args.refine):
-            raise SystemExit("styleblend blend: --strength and --refine go with --fast MODEL")
+        if not (args.fast or args.universal) and (args.strength is not None or args.refine):
+            raise SystemExit(
+                "styleblend blend: --strength and --refine go with --fast MODEL or --universal"
+            )
+        if args.levels and not args.universal:
+            raise SystemExit("styleblend blend: --levels goes with --universal")
     try:
         return run(args)
     except OSError as error:

@@ -118,6 +118,11 @@ def blend_request(args: argparse.Namespace) -> styleblend_pb2.BlendRequest:
         request.fast.refine = args.refine
         if args.strength is not None:
             request.fast.strength = args.strength
+    if args.universal:
+        request.universal.refine = args.refine
+        request.universal.levels.extend(args.levels or [])
+        if args.strength is not None:
+            request.universal.strength = args.strength
     if args.init_image:
         request.init = styleblend_pb2.INIT_IMAGE
         request.init_image = args.init_image.read_bytes()
@@ -166,7 +171,7 @@ def blend(args: argparse.Namespace) -> int:
         + (
             f"{result.stats.iterations} iterations in {result.stats.seconds:.1f} s)"
             if result.stats.iterations
-            else "from the fast network)"
+            else "in one pass)"
         )
         + (f"; previews in {args.previews}" if args.previews else "")
     )
@@ -215,9 +220,11 @@ def follow(
     args: argparse.Namespace,
 ) -> styleblend_pb2.Result | None:
     events, on_iteration = _events(stub, request, steps)
-    # The fast network alone has no iterations to count: no bar then.
-    only_fast = request.HasField("fast") and not request.fast.refine
-    bar = tqdm(total=None, unit="it", desc="blending", dynamic_ncols=True, disable=only_fast)
+    # A one-pass method alone has no iterations to count: no bar then.
+    one_pass = (request.HasField("fast") and not request.fast.refine) or (
+        request.HasField("universal") and not request.universal.refine
+    )
+    bar = tqdm(total=None, unit="it", desc="blending", dynamic_ncols=True, disable=one_pass)
     with bar:
         for event in events:
             if event.HasField("progress"):
@@ -234,8 +241,8 @@ def follow(
             elif event.HasField("preview") and args.previews:
                 preview = event.preview
                 name = (
-                    f"fast_{preview.update_id:05d}.png"
-                    if preview.fast
+                    f"{'fast' if preview.fast else 'universal'}_{preview.update_id:05d}.png"
+                    if preview.fast or preview.universal
                     else f"preview_{preview.iteration:05d}.jpg"
                 )
                 path = args.previews / name

@@ -117,6 +117,7 @@ async function loadInfo() {
       `${info.reconstructionDevice || "?"} · v${info.version}`;
     applyLimits(info);
     offerFastModels(info.fastModels || []);
+    offerUniversal(info.universal);
   } catch (error) {
     $("model-info").textContent = "The gateway is not answering.";
     showError(error, "Could not reach the gateway");
@@ -134,32 +135,52 @@ function applyLimits(info) {
   if (limits.maxSources) state.maxSources = Math.min(limits.maxSources, PALETTE.length);
 }
 
+const ONE_PASS = [[false, "instant"], [true, "instant, then refined"]];
+
 function offerFastModels(models) {
   // Each trained network adds two methods: its image alone, or its image refined.
   for (const model of models) {
     const styles = (model.styles || []).filter((s) => s.sha256).map((s) => s.name).join(", ");
-    for (const [refine, words] of [[false, "instant"], [true, "instant, then refined"]]) {
+    for (const [refine, words] of ONE_PASS) {
       const option = document.createElement("option");
-      option.value = JSON.stringify({ model: model.name, refine });
+      option.value = JSON.stringify({ fast: { model: model.name, refine } });
       option.textContent = `Fast network ${model.name} (${styles}): ${words}`;
       $("mode").append(option);
     }
   }
 }
 
-function fastOptions() {
+function offerUniversal(universal) {
+  // Any painting, no training: the universal image first, then refined, is the default.
+  if (!universal || !(universal.layers || []).length) return;
+  for (const [refine, words] of ONE_PASS) {
+    const option = document.createElement("option");
+    option.value = JSON.stringify({ universal: { refine } });
+    option.textContent = `Universal (any images): ${words}`;
+    $("mode").append(option);
+    if (refine) option.selected = true;
+  }
+  modeChanged();
+}
+
+function onePassOptions() {
+  // {fast: {...}} or {universal: {...}}, with the strength slider's value; null: iterative.
   const mode = $("mode").value;
   if (mode === "iterative") return null;
-  return { ...JSON.parse(mode), strength: Number($("strength").value) };
+  const chosen = JSON.parse(mode);
+  const [kind] = Object.keys(chosen);
+  return { [kind]: { ...chosen[kind], strength: Number($("strength").value) } };
 }
 
 function modeChanged() {
-  $("strength").disabled = fastOptions() === null;
+  $("strength").disabled = onePassOptions() === null;
 }
 
 function strengthMoved() {
   $("strength-value").textContent = Number($("strength").value).toFixed(2);
-  if (state.run && state.run.fast) sendUpdate({ fastStrength: Number($("strength").value) });
+  const strength = Number($("strength").value);
+  if (state.run && state.run.fast) sendUpdate({ fastStrength: strength });
+  if (state.run && state.run.universal) sendUpdate({ universalStrength: strength });
 }
 
 async function loadSamples() {
@@ -547,8 +568,7 @@ async function start() {
     optimizer: $("optimizer").value,
     preserveColor: $("color").value,
   };
-  const fast = fastOptions();
-  if (fast) request.fast = fast;
+  Object.assign(request, onePassOptions() || {});
   openSession(request);
 }
 
@@ -563,6 +583,7 @@ function openSession(request) {
     ended: false,
     gotResult: false,
     fast: Boolean(request.fast),
+    universal: Boolean(request.universal),
   };
   resetStatus();
   socket.addEventListener("open", () => {
@@ -691,13 +712,15 @@ function renderUpdateStatus() {
 function onPreview(preview) {
   if (state.run && state.run.gotResult) return;
   setAspect(preview.widthPx, preview.heightPx);
-  // The network's images are PNG, the reconstruction's previews JPEG.
-  const type = preview.fast ? "png" : "jpeg";
+  // The one-pass images are PNG, the reconstruction's previews JPEG.
+  const onePass = preview.fast || preview.universal;
+  const type = onePass ? "png" : "jpeg";
   showImage(`data:image/${type};base64,${preview.image}`, "preview", preview.iteration || 0);
-  if (preview.fast) {
+  if (onePass) {
     const status = $("update-status");
     status.dataset.fastUpdateId = String(Number(preview.updateId || 0));
-    $("iteration").textContent = `Fast network image for update #${Number(preview.updateId || 0)}`;
+    const maker = preview.fast ? "Fast network" : "Universal";
+    $("iteration").textContent = `${maker} image for update #${Number(preview.updateId || 0)}`;
     renderUpdateStatus();
   }
   state.showing = "preview";
@@ -717,7 +740,9 @@ function onResult(result) {
   const early = stats.finishedEarly ? ", finished early" : "";
   const made = stats.iterations
     ? `${stats.iterations} iterations in ${(stats.seconds || 0).toFixed(1)} s${early}`
-    : "made by the fast network";
+    : state.run.universal
+      ? "made in one pass by the universal decoders"
+      : "made by the fast network";
   $("result-stats").textContent =
     `${result.widthPx}×${result.heightPx} px · ${made}. The PNG carries its recipe.`;
   $("result").hidden = false;

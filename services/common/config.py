@@ -128,6 +128,10 @@ class FeaturesConfig(ModelConfig):
     fast_model_dir: Path = Field(
         Path("models/fast"), description="folder of trained feed-forward networks, one each"
     )
+    universal_dir: Path = Field(
+        Path("models/universal"),
+        description="folder of the universal decoders (universal.json); none there: no universal",
+    )
     trt_fp16: bool = Field(True, description="TensorRT builds float16 engines")
     trt_engine_cache_dir: Path | None = Field(
         Path("models/trt-cache"), description="where TensorRT keeps built engines; unset: none"

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import grpc
 import numpy as np
 from styleblend.internal.v1 import features_pb2, features_pb2_grpc
@@ -16,6 +19,14 @@ from services.common.store import ImageStore
 from services.common.stylemix import Region, StyleSource
 from services.features.core import FeatureExtractor
 from services.features.fast import FastModels
+from services.features.universal import (
+    ContentSource,
+    UniversalStyle,
+    UniversalStyliser,
+    brings_style,
+    content_pixels,
+    prepare_style,
+)
 
 _COLOR_TRANSFORMS = {
     features_pb2.COLOR_TRANSFORM_UNSPECIFIED: "",
@@ -32,8 +43,10 @@ class FeaturesServicer(features_pb2_grpc.FeaturesServiceServicer):
         metrics: ServiceMetrics | None = None,
         image_store_bytes: int = IMAGE_STORE_BYTES,
         holder: str = "",
+        universal: UniversalStyliser | None = None,
     ) -> None:
         self.extractor = extractor
+        self.universal = universal
         self.holder = holder  # where blending fetches what this replica keeps; "": anywhere
         self.fast = fast
         self.images = ImageStore(image_store_bytes, "features")
@@ -106,6 +119,7 @@ class FeaturesServicer(features_pb2_grpc.FeaturesServiceServicer):
             manifest_json=self.extractor.manifest.to_json(),
             execution_providers=self.extractor.providers,
             fast_manifests_json=[model.manifest.to_json() for model in self._fast_models()],
+            universal_manifest_json=self.universal.universal.to_json() if self.universal else "",
         )
 
     def Stylise(
@@ -164,6 +178,79 @@ class FeaturesServicer(features_pb2_grpc.FeaturesServiceServicer):
             regions.append(Region(mask=found, style_weights=list(region.style_weights)))
         return self.fast.style_mix(request.model, width, height, sources, regions, given.strength)
 
+    def Universal(
+        self, request: features_pb2.UniversalRequest, context: grpc.ServicerContext
+    ) -> features_pb2.UniversalResponse:
+        if self.universal is None:
+            raise FailedPrecondition(
+                "this features service has no universal decoders; train them with "
+                "`make universal-model` (STYLEBLEND_UNIVERSAL_DIR names their folder)"
+            )
+        styliser, width, height = self.universal, request.width_px, request.height_px
+        styliser.check_size(width, height, "width_px × height_px")  # before anything is decoded
+        if not request.sources:
+            raise InvalidArgument("sources: at least one source is needed")
+        preserve = _COLOR_TRANSFORMS.get(request.color, "?")
+        regions = self._regions(request.regions, width, height)
+        contents = [
+            ContentSource(
+                images.to_canvas(self._image(s, i), width, height, f"sources[{i}].image"),
+                s.content_weight,
+                self._mask(s.content_map, s.content_map_sha256, width, height,
+                           f"sources[{i}].content_map"),
+            )
+            for i, s in enumerate(request.sources) if s.content_weight > 0
+        ]  # fmt: skip
+        if not contents:
+            raise InvalidArgument("sources: at least one needs a content_weight > 0")
+        reference = content_pixels(contents)
+        styles = []
+        for i, source in enumerate(request.sources):
+            statistics = {}
+            if brings_style(i, source.style_weight, regions):
+                w, h = source.style_width_px, source.style_height_px
+                styliser.check_size(w, h, f"sources[{i}].style_width_px × style_height_px")
+                pixels = images.to_canvas(self._image(source, i), w, h, f"sources[{i}].image")
+                key = f"{source.image_sha256 or images.sha256(source.image)}:{w}x{h}:{preserve}"
+                if preserve == "match":  # its colours depend on the content's
+                    key += f":{images.sha256(reference.tobytes())}"
+                statistics = styliser.statistics(prepare_style(pixels, reference, preserve), key)
+            style_map = self._mask(
+                source.style_map, source.style_map_sha256, width, height, f"sources[{i}].style_map"
+            )
+            styles.append(UniversalStyle(statistics, source.style_weight, style_map))
+        made = styliser.stylise(
+            contents, styles, regions, request.strength, preserve, list(request.levels) or None
+        )
+        self.images.keep(
+            *(s.image for s in request.sources),
+            *(s.style_map for s in request.sources),
+            *(s.content_map for s in request.sources),
+            *(r.mask for r in request.regions),
+        )
+        return features_pb2.UniversalResponse(
+            image=images.encode(made.pixels), milliseconds=1000 * sum(made.seconds.values())
+        )
+
+    def _image(self, source: features_pb2.UniversalSource, index: int) -> bytes:
+        return self.images.resolve(source.image, source.image_sha256, f"sources[{index}].image")
+
+    def _mask(
+        self, data: bytes, sha256: str, width: int, height: int, what: str
+    ) -> np.ndarray | None:
+        encoded = self.images.resolve(data, sha256, what)
+        return images.to_mask(encoded, width, height, what) if encoded else None
+
+    def _regions(self, given: Sequence[Any], width: int, height: int) -> list[Region]:
+        regions = []
+        for k, region in enumerate(given):
+            what = f"regions[{k}].mask"
+            found = self._mask(region.mask, region.mask_sha256, width, height, what)
+            if found is None:
+                raise InvalidArgument(f"{what} is missing")
+            regions.append(Region(mask=found, style_weights=list(region.style_weights)))
+        return regions
+
     def _fast_models(self) -> list[FastStyliser]:
         return list(self.fast.models.values()) if self.fast else []
 
@@ -174,9 +261,10 @@ def features_servicer(
     metrics: ServiceMetrics | None = None,
     image_store_bytes: int = IMAGE_STORE_BYTES,
     holder: str = "",
+    universal: UniversalStyliser | None = None,
 ) -> Servicer:
     return Servicer(
         features_pb2.DESCRIPTOR.services_by_name["FeaturesService"].full_name,
-        FeaturesServicer(extractor, fast, metrics, image_store_bytes, holder),
+        FeaturesServicer(extractor, fast, metrics, image_store_bytes, holder, universal),
         features_pb2_grpc.add_FeaturesServiceServicer_to_server,
     )

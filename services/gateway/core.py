@@ -13,6 +13,7 @@ from services.common.config import GatewayConfig
 from services.common.errors import ResourceExhausted
 from services.common.fastmodel import FastManifest
 from services.common.manifest import Manifest
+from services.common.universalmodel import UniversalManifest
 from services.gateway.plan import plan_blend
 from services.gateway.run import BlendRun, Runs, Upstreams
 
@@ -24,6 +25,7 @@ class Model:
     manifest: Manifest
     providers: list[str]
     fast: dict[str, FastManifest]  # by name
+    universal: UniversalManifest | None  # the universal decoders, if features has them
 
 
 @dataclass(frozen=True)
@@ -131,6 +133,9 @@ class Gateway:
                 Manifest.from_json(answer.manifest_json),
                 list(answer.execution_providers),
                 {manifest.name: manifest for manifest in fast},
+                UniversalManifest.from_json(answer.universal_manifest_json)
+                if answer.universal_manifest_json
+                else None,
             )
         return self._model
 
@@ -151,7 +156,9 @@ class Gateway:
         """Check everything and return the run; nothing has been computed yet. `upstreams`:
         the channels this run calls through (e.g. ones that name its session)."""
         model = self.model()
-        plan = plan_blend(request, model.manifest, self.config, self.uploaded, model.fast)
+        plan = plan_blend(
+            request, model.manifest, self.config, self.uploaded, model.fast, model.universal
+        )
         return self.runs.track(
             BlendRun(plan, model.manifest, upstreams or self.upstreams, self.config, self.uploaded)
         )
@@ -203,6 +210,19 @@ class Gateway:
                 )
                 for fast in model.fast.values()
             ],
+            universal=_universal_info(model.universal),
             reconstruction_device=device.device,
             version=VERSION,
         )
+
+
+def _universal_info(model: UniversalManifest | None) -> styleblend_pb2.UniversalModel | None:
+    if model is None:
+        return None
+    return styleblend_pb2.UniversalModel(
+        name=model.name,
+        layers=model.layers,
+        feature_model=model.feature_model,
+        steps=[decoder.steps for decoder in model.decoders],
+        default_levels=model.levels_by_default,
+    )

@@ -16,6 +16,7 @@ from services.common.config import GatewayConfig
 from services.common.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from services.common.fastmodel import FastManifest
 from services.common.manifest import MIN_SIDE_PX, Manifest
+from services.common.universalmodel import UniversalManifest
 
 AUTO_SCALE_SIDE_PX = 256  # coarse-to-fine adds a scale for each doubling above this
 STYLE_SCALE_RANGE = (0.25, 4.0)
@@ -91,6 +92,14 @@ class FastPlan:
 
 
 @dataclass(frozen=True)
+class UniversalPlan:
+    model: UniversalManifest
+    levels: tuple[str, ...]  # the decoders to use, coarse to fine
+    strength: float
+    refine: bool  # the iterative reconstruction follows, from the universal image
+
+
+@dataclass(frozen=True)
 class Plan:
     sources: tuple[PlannedSource, ...]
     regions: tuple[PlannedRegion, ...]
@@ -109,6 +118,17 @@ class Plan:
     preserve_color: PreserveColor
     style_scale: float
     fast: FastPlan | None = None
+    universal: UniversalPlan | None = None
+
+    @property
+    def instant(self) -> FastPlan | UniversalPlan | None:
+        """The one-pass method whose image comes first, if the request asked for one."""
+        return self.fast or self.universal
+
+    @property
+    def instant_only(self) -> bool:
+        """The one-pass image is the result: no reconstruction follows."""
+        return self.instant is not None and not self.instant.refine
 
     @property
     def canvas(self) -> Scale:
@@ -312,6 +332,33 @@ def plan_fast(
     return fast
 
 
+def plan_universal(
+    request: styleblend_pb2.UniversalOptions,
+    sources: Sequence[PlannedSource],
+    model: UniversalManifest | None,
+) -> UniversalPlan:
+    if model is None:
+        raise FailedPrecondition(
+            "universal: the features service has no universal decoders; train them with "
+            "`make universal-model` and restart it"
+        )
+    levels = tuple(request.levels) or model.levels_by_default
+    for index, level in enumerate(levels):
+        if level not in model.layers:
+            raise InvalidArgument(
+                f"universal.levels[{index}]: no decoder for {level!r} "
+                f"(there are: {', '.join(model.layers)})"
+            )
+    if len(set(levels)) != len(levels):
+        raise InvalidArgument(f"universal.levels: {list(levels)} names a level twice")
+    if not any(s.content_weight > 0 for s in sources):
+        raise InvalidArgument("universal: the method needs a source with a content_weight > 0")
+    strength = (
+        _strength(request.strength, "universal.strength") if request.HasField("strength") else 1.0
+    )
+    return UniversalPlan(model, levels, strength, request.refine)
+
+
 def plan_scales(
     request: styleblend_pb2.BlendRequest, width: int, height: int, config: GatewayConfig
 ) -> tuple[Scale, ...]:
@@ -355,6 +402,7 @@ def plan_blend(
     config: GatewayConfig,
     uploads: Uploads,
     fast_models: Mapping[str, FastManifest] | None = None,
+    universal_model: UniversalManifest | None = None,
 ) -> Plan:
     count = len(request.sources)
     if count == 0:
@@ -367,6 +415,8 @@ def plan_blend(
     _enum(request.preserve_color, styleblend_pb2.PreserveColor, "preserve_color")
     preserve_color = PRESERVE_COLORS[request.preserve_color]
     _check_blend(sources, regions, preserve_color)
+    if request.HasField("fast") and request.HasField("universal"):
+        raise InvalidArgument("fast and universal: ask for one one-pass method, not both")
 
     side = _bounded(
         request.max_side_px, config.default_side_px, config.max_side_px, "max_side_px", MIN_SIDE_PX
@@ -430,6 +480,9 @@ def plan_blend(
         style_scale=style_scale,
         fast=plan_fast(request.fast, sources, regions, fast_models or {})
         if request.HasField("fast")
+        else None,
+        universal=plan_universal(request.universal, sources, universal_model)
+        if request.HasField("universal")
         else None,
     )
     check_extractions(plan, config)
@@ -534,9 +587,21 @@ def apply_update(
         )
     if fast is not None:
         _check_fast(fast, sources, regions)
+    universal = plan.universal
+    if update.HasField("universal_strength"):
+        if universal is None:
+            raise InvalidArgument(
+                "universal_strength: this session was not started with `universal`"
+            )
+        universal = dataclasses.replace(
+            universal, strength=_strength(update.universal_strength, "update.universal_strength")
+        )
+    if universal is not None and not any(s.content_weight > 0 for s in sources):
+        raise InvalidArgument("universal: the method needs a source with a content_weight > 0")
     updated = dataclasses.replace(
         plan,
         fast=fast,
+        universal=universal,
         sources=tuple(sources),
         regions=regions,
         content_loss_weight=_optional(

@@ -67,6 +67,13 @@ def resolved_request(plan: Plan) -> styleblend_pb2.BlendRequest:
         )
         if plan.fast
         else None,
+        universal=styleblend_pb2.UniversalOptions(
+            strength=plan.universal.strength,
+            refine=plan.universal.refine,
+            levels=plan.universal.levels,
+        )
+        if plan.universal
+        else None,
     )
 
 

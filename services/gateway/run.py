@@ -32,7 +32,7 @@ from services.gateway.targets import ReconstructStream, Targets, Upstreams
 log = logging.getLogger(__name__)
 
 _END = object()
-_FINISH = styleblend_pb2.SessionUpdate()  # queued behind the updates: the fast path's finish
+_FINISH = styleblend_pb2.SessionUpdate()  # queued behind the updates: the one-pass path's finish
 SHUTTING_DOWN = "the gateway is shutting down"
 # Of the grace period, what a run that cannot finish in time leaves before it says so: the
 # server cancels calls still open at its end, and a cancelled call tells the client nothing.
@@ -71,11 +71,11 @@ class BlendRun:
         self._finishing = threading.Event()
         self._shutting_down = threading.Event()
         self._session = False
-        self._fast_image = b""  # the network's latest image
+        self._instant_image = b""  # the one-pass method's latest image
 
     # --- the caller's side -------------------------------------------------------------------
     def events(self, session: bool = False) -> Iterator[styleblend_pb2.BlendEvent]:
-        """A Blend's events, or a Session's: a fast-only session waits for `finish`."""
+        """A Blend's events, or a Session's: a one-pass-only session waits for `finish`."""
         self._session = session
         threading.Thread(target=self._run, daemon=True, name="gateway-pump").start()
         try:
@@ -144,9 +144,9 @@ class BlendRun:
         """
         with self._lock:
             self._shutting_down.set()
-            # A reconstruction running, or a fast-only run (whose image exists once it has
+            # A reconstruction running, or a one-pass-only run (whose image exists once it has
             # started), can finish; a run still computing its targets has nothing to send.
-            can_finish = self._stream is not None or self._fast_only_run()
+            can_finish = self._stream is not None or self.plan.instant_only
         if self._cancelled.is_set():
             return
         if self._session:
@@ -184,11 +184,11 @@ class BlendRun:
         # The start's plan: by the time this thread runs, `update` may have moved `self.plan` on,
         # and each update comes through `_work_on_updates` in its turn.
         first, init_image = self.first, b""
-        if first.fast is not None:
-            self._fast_image = init_image = self.targets.stylised(first)
-            self._outbox.put(self._fast_preview(0))
-            if not first.fast.refine:
-                self._fast_only(self._session)
+        if first.instant is not None:
+            self._instant_image = init_image = self.targets.instant(first)
+            self._outbox.put(self._instant_preview(0))
+            if first.instant_only:
+                self._instant_only(self._session)
                 return
         job = self.targets.job(first, self.targets.scales(first), init_image)
         with self._lock:
@@ -230,16 +230,16 @@ class BlendRun:
                     for candidate in reversed(soon):  # refused, the one before it goes instead
                         if self._apply(candidate):
                             break
-            if any(update is _FINISH for update in batch) and self._fast_only_run():
-                self._outbox.put(self._fast_result())
+            if any(update is _FINISH for update in batch) and self.plan.instant_only:
+                self._outbox.put(self._instant_result())
                 self._outbox.put(_END)
                 return
 
     def _apply(self, update: styleblend_pb2.SessionUpdate) -> bool:
-        """Send a taken update's image (the network's) and targets; False if it was refused."""
-        if (plan := self._plan_of(update)) is not None and plan.fast is not None:
-            self._send_fast_preview(update, plan)
-        if (plan := self._plan_of(update)) is not None and (plan.fast is None or plan.fast.refine):
+        """Send a taken update's one-pass image and targets; False if it was refused."""
+        if (plan := self._plan_of(update)) is not None and plan.instant is not None:
+            self._send_instant_preview(update, plan)
+        if (plan := self._plan_of(update)) is not None and not plan.instant_only:
             self._send_update(update, plan)
         return self._plan_of(update) is not None
 
@@ -276,43 +276,41 @@ class BlendRun:
                 self._controls.put(reconstruction_pb2.ReconstructRequest(hold=release))
             self._reject(gone.update_id, reason)
 
-    def _fast_only_run(self) -> bool:
-        return self.plan.fast is not None and not self.plan.fast.refine
-
-    def _fast_only(self, session: bool) -> None:
-        """No reconstruction: a Blend ends with the network's image, a Session on finish."""
+    def _instant_only(self, session: bool) -> None:
+        """No reconstruction: a Blend ends with the one-pass image, a Session on finish."""
         if not session:
-            self._outbox.put(self._fast_result())
+            self._outbox.put(self._instant_result())
             self._outbox.put(_END)
             return
         self._work_on_updates()
 
-    def _send_fast_preview(self, update: styleblend_pb2.SessionUpdate, plan: Plan) -> None:
+    def _send_instant_preview(self, update: styleblend_pb2.SessionUpdate, plan: Plan) -> None:
         try:
-            self._fast_image = self.targets.stylised(plan)
+            self._instant_image = self.targets.instant(plan)
         except StyleBlendError as error:
             self._refuse(update, error)
             return
-        if self._fast_only_run():
+        if self.plan.instant_only:
             self._applied.record(update.update_id, 0)
-        self._outbox.put(self._fast_preview(update.update_id))
+        self._outbox.put(self._instant_preview(update.update_id))
 
-    def _fast_preview(self, update_id: int) -> styleblend_pb2.BlendEvent:
+    def _instant_preview(self, update_id: int) -> styleblend_pb2.BlendEvent:
         canvas = self.plan.canvas
         preview = styleblend_pb2.Preview(
             iteration=0,
-            image=self._fast_image,
+            image=self._instant_image,
             width_px=canvas.width,
             height_px=canvas.height,
-            fast=True,
+            fast=self.plan.fast is not None,
+            universal=self.plan.universal is not None,
             update_id=update_id,
         )
         return styleblend_pb2.BlendEvent(preview=preview)
 
-    def _fast_result(self) -> styleblend_pb2.BlendEvent:
+    def _instant_result(self) -> styleblend_pb2.BlendEvent:
         canvas = self.plan.canvas
         result = styleblend_pb2.Result(
-            image=self._fast_image, width_px=canvas.width, height_px=canvas.height
+            image=self._instant_image, width_px=canvas.width, height_px=canvas.height
         )
         return styleblend_pb2.BlendEvent(result=result)
 

@@ -38,6 +38,9 @@ class Upstreams(Protocol):
         self, request: blending_pb2.BlendTargetsRequest
     ) -> blending_pb2.BlendTargetsResponse: ...
     def stylise(self, request: features_pb2.StyliseRequest) -> features_pb2.StyliseResponse: ...
+    def universal(
+        self, request: features_pb2.UniversalRequest
+    ) -> features_pb2.UniversalResponse: ...
     def get_device(self) -> reconstruction_pb2.GetDeviceResponse: ...
     def reconstruct(
         self, requests: Iterator[reconstruction_pb2.ReconstructRequest]
@@ -51,6 +54,10 @@ class Targets:
         self.strides = manifest.strides
 
     # --- the feed-forward network -------------------------------------------------------------
+    def instant(self, plan: Plan) -> bytes:
+        """The one-pass image for this plan: the trained network's, or the universal one."""
+        return self.stylised(plan) if plan.fast is not None else self.universal(plan)
+
     def stylised(self, plan: Plan) -> bytes:
         """The network's image for this plan. Features makes the style mix from the weights
         and maps (by sha256) itself, so no N×H×W mix passes through here."""
@@ -81,6 +88,47 @@ class Targets:
             )
 
         return sent_once(lambda inline: self.upstreams.stylise(request(inline))).image
+
+    def universal(self, plan: Plan) -> bytes:
+        """The universal decoders' image: features takes every source's statistics and blends
+        them with the weights and maps (by sha256) itself, as blending does for the targets."""
+        assert plan.universal is not None
+        universal, canvas = plan.universal, plan.canvas
+        color: int = features_pb2.COLOR_TRANSFORM_UNSPECIFIED
+        if plan.preserve_color == "luminance":
+            color = features_pb2.COLOR_TRANSFORM_LUMINANCE
+        elif plan.preserve_color == "histogram":
+            color = features_pb2.COLOR_TRANSFORM_MATCH
+
+        def request(inline: bool) -> features_pb2.UniversalRequest:
+            sources = []
+            for source in plan.sources:
+                width, height = plan.style_size(source, canvas)
+                sources.append(
+                    features_pb2.UniversalSource(
+                        image=_bytes(source.image, inline),
+                        image_sha256=source.image.sha256,
+                        style_width_px=width,
+                        style_height_px=height,
+                        style_weight=source.style_weight,
+                        content_weight=source.content_weight,
+                        style_map=_bytes(source.style_map, inline),
+                        style_map_sha256=_sha256(source.style_map),
+                        content_map=_bytes(source.content_map, inline),
+                        content_map_sha256=_sha256(source.content_map),
+                    )
+                )
+            return features_pb2.UniversalRequest(
+                sources=sources,
+                regions=_regions(plan, inline),
+                width_px=canvas.width,
+                height_px=canvas.height,
+                strength=universal.strength,
+                color=color,  # type: ignore[arg-type]
+                levels=universal.levels,
+            )
+
+        return sent_once(lambda inline: self.upstreams.universal(request(inline))).image
 
     # --- targets, by reference ----------------------------------------------------------------
     def scales(self, plan: Plan) -> list[reconstruction_pb2.ScaleTargets]:

@@ -105,6 +105,11 @@ class Upstreams:
     def stylise(self, request: features_pb2.StyliseRequest) -> features_pb2.StyliseResponse:
         return self._unary("features", self.config.features_address, self.features.Stylise, request)
 
+    def universal(self, request: features_pb2.UniversalRequest) -> features_pb2.UniversalResponse:
+        return self._unary(
+            "features", self.config.features_address, self.features.Universal, request
+        )
+
     def get_device(self) -> reconstruction_pb2.GetDeviceResponse:
         return self._unary(
             "reconstruction",

@@ -1,0 +1,135 @@
+"""The universal path through the graph: any sources in one pass, refining, sessions, refusals.
+
+The graph's decoders are a tiny run of the real training script (tests/conftest.py), so these
+tests judge the plumbing and the request's rules; tests/features/test_universal.py judges what
+weights, maps and content blending do to the image.
+"""
+
+from __future__ import annotations
+
+import grpc
+import numpy as np
+import pytest
+from styleblend.v1 import styleblend_pb2 as pb
+
+from services.common import images
+from tests.conftest import Graph, sample
+from tests.gateway.test_fast import pixels, requests
+from tests.gateway.test_graph import source
+
+STARRY, GRASS = "style/starry_night.jpg", "style/grass.jpg"
+CAT = "content/chelsea.jpg"
+
+
+def universal_request(*sources: pb.Source, **options: object) -> pb.BlendRequest:
+    return pb.BlendRequest(
+        sources=list(sources),
+        max_side_px=96,
+        iterations=4,
+        universal=pb.UniversalOptions(**options),  # type: ignore[arg-type]
+    )
+
+
+def blend(graph: Graph, request: pb.BlendRequest) -> list[pb.BlendEvent]:
+    return [r.event for r in graph.stub().Blend(request, timeout=120)]
+
+
+def test_info_reports_the_loaded_decoders(graph: Graph) -> None:
+    info = graph.stub().GetInfo(pb.GetInfoRequest(), timeout=30)
+    assert info.HasField("universal")
+    assert list(info.universal.layers) == ["relu2_1", "relu1_1"]  # coarse to fine
+    assert info.universal.feature_model == "vgg19"
+    assert all(steps > 0 for steps in info.universal.steps)
+
+
+def test_a_universal_blend_of_a_painting_no_network_knows(graph: Graph) -> None:
+    request = universal_request(source(CAT, 0, 1), source(GRASS, 1, 0))
+    events = blend(graph, request)
+    assert [e.WhichOneof("event") for e in events] == ["preview", "result"]
+    preview, result = events[0].preview, events[1].result
+    assert preview.universal and not preview.fast and preview.iteration == 0
+    assert (result.width_px, result.height_px) == (96, 64)
+    assert result.image.startswith(b"\x89PNG")
+    photo = images.to_canvas(sample(CAT), 96, 64)
+    styled = pixels(result.image)
+    assert np.abs(styled - photo).mean() > 0.02  # the grass's statistics changed it
+    assert '"universal"' in result.recipe_json
+
+
+def test_strength_zero_gives_the_decoded_photo_and_levels_are_honoured(graph: Graph) -> None:
+    photo = images.to_canvas(sample(CAT), 96, 64)
+    none = pixels(blend(graph, universal_request(source(CAT, 0, 1), source(GRASS, 1, 0),
+                                                 strength=0.0))[-1].result.image)  # fmt: skip
+    full = pixels(blend(graph, universal_request(source(CAT, 0, 1), source(GRASS, 1, 0)))[-1]
+                  .result.image)  # fmt: skip
+    fine = pixels(blend(graph, universal_request(source(CAT, 0, 1), source(GRASS, 1, 0),
+                                                 levels=["relu1_1"]))[-1].result.image)  # fmt: skip
+    # Strength 0 only encodes and decodes: nearer the photo than the full blend is.
+    assert np.abs(none - photo).mean() < np.abs(full - photo).mean()
+    assert np.abs(fine - full).mean() > 0  # one level is not both
+
+
+def test_refine_optimises_on_from_the_universal_image(graph: Graph) -> None:
+    request = universal_request(source(CAT, 0, 1), source(STARRY, 1, 0), refine=True)
+    request.preview_every = 1
+    events = blend(graph, request)
+    previews = [e.preview for e in events if e.HasField("preview")]
+    assert previews[0].universal and not previews[1].universal
+    progress = [e.progress for e in events if e.HasField("progress")]
+    assert len(progress) == 4 and events[-1].HasField("result")
+    universal, first_step = pixels(previews[0].image), pixels(previews[1].image)
+    content = images.to_canvas(sample(CAT), 96, 64)
+    assert np.abs(first_step - universal).mean() < 0.5 * np.abs(content - universal).mean()
+
+
+def test_a_universal_session_answers_every_update_at_once(graph: Graph) -> None:
+    start = universal_request(source(CAT, 0, 1), source(STARRY, 1, 0), source(GRASS, 0, 0))
+    swap = pb.SessionUpdate(
+        update_id=1,
+        sources=[
+            pb.SourceUpdate(index=1, style_weight=0),
+            pb.SourceUpdate(index=2, style_weight=1),
+        ],
+    )
+    weaker = pb.SessionUpdate(update_id=2, universal_strength=0.0)
+    bad = pb.SessionUpdate(update_id=3, universal_strength=-1.0)
+    wrong = pb.SessionUpdate(update_id=4, fast_strength=0.5)
+    stream = graph.stub().Session(requests(start, swap, weaker, bad, wrong), timeout=120)
+    events = [r.event for r in stream]
+    previews = [e.preview for e in events if e.HasField("preview")]
+    rejected = {e.update_rejected.update_id: e.update_rejected.message for e in events
+                if e.HasField("update_rejected")}  # fmt: skip
+    assert events[-1].HasField("result") and all(p.universal for p in previews)
+    assert [p.update_id for p in previews] in ([0, 1, 2], [0, 2])  # 1 may coalesce into 2
+    assert previews[0].image == blend(graph, start)[0].preview.image
+    strength_zero = universal_request(source(CAT, 0, 1), source(GRASS, 1, 0), strength=0.0)
+    assert previews[-1].image == blend(graph, strength_zero)[0].preview.image
+    assert "universal_strength must be within 0..1" in rejected[3]
+    assert "this session was not started with `fast`" in rejected[4]
+
+
+@pytest.mark.parametrize(
+    ("request_", "code", "message"),
+    [
+        (universal_request(source(CAT, 0, 1), source(GRASS, 1, 0), levels=["relu4_1"]),
+         grpc.StatusCode.INVALID_ARGUMENT, "universal.levels[0]: no decoder for 'relu4_1'"),
+        (universal_request(source(CAT, 0, 1), source(GRASS, 1, 0),
+                           levels=["relu1_1", "relu1_1"]),
+         grpc.StatusCode.INVALID_ARGUMENT, "names a level twice"),
+        (universal_request(source(CAT, 0, 1), source(GRASS, 1, 0), strength=float("nan")),
+         grpc.StatusCode.INVALID_ARGUMENT, "universal.strength must be within 0..1, got nan"),
+        (universal_request(source(GRASS, 1, 0)), grpc.StatusCode.INVALID_ARGUMENT,
+         "universal: the method needs a source with a content_weight > 0"),
+        (pb.BlendRequest(sources=[source(CAT, 0, 1), source(STARRY, 1, 0)],
+                         fast=pb.FastOptions(model="test-model"),
+                         universal=pb.UniversalOptions()),
+         grpc.StatusCode.INVALID_ARGUMENT, "fast and universal: ask for one one-pass method"),
+    ],
+)  # fmt: skip
+def test_bad_universal_requests_are_refused_by_name(
+    graph: Graph, request_: pb.BlendRequest, code: grpc.StatusCode, message: str
+) -> None:
+    with pytest.raises(grpc.RpcError) as caught:
+        list(graph.stub().Blend(request_, timeout=60))
+    assert caught.value.code() == code
+    assert message in str(caught.value.details())
