@@ -247,3 +247,47 @@ def test_the_fast_network_answers_and_follows_the_strength_slider(
     page.get_by_test_id("finish").click()
     expect(page.get_by_test_id("result-stats")).to_contain_text("made by the fast network")
     assert not studio.errors
+
+
+def test_a_painting_of_ones_own_is_blended_at_once_by_the_universal_method(
+    studio: Studio, studio_url: str
+) -> None:
+    page = studio.page
+    studio.open(studio_url)
+    mode = page.get_by_test_id("mode")
+    # With decoders loaded, a blend starts with the universal image and refines from it.
+    assert json.loads(mode.input_value()) == {"universal": {"refine": True}}
+    studio.add_sample("chelsea", 0)
+    rng = np.random.default_rng(3)
+    strokes = np.full((96, 96, 3), 230, np.uint8)
+    for row in rng.integers(0, 90, 14):
+        strokes[row : row + 5, :] = (200, 30, 30)  # a painting no network was trained on
+    buffer = io.BytesIO()
+    Image.fromarray(strokes).save(buffer, format="PNG")
+    painting: FilePayload = {"name": "red-strokes.png", "mimeType": "image/png",
+                             "buffer": buffer.getvalue()}  # fmt: skip
+    page.get_by_test_id("upload").set_input_files(painting)
+    expect(page.get_by_test_id("source-1")).to_contain_text("red-strokes")
+    studio.set_weight("content-0", 1.0)
+    studio.set_weight("style-0", 0.0)
+    studio.set_weight("style-1", 1.0)
+    studio.set_weight("content-1", 0.0)
+    page.get_by_test_id("size").fill("64")
+    mode.select_option(label="Universal (any images): instant")
+    page.get_by_test_id("start").click()
+    _, first = studio.wait_for_preview(0)
+    assert first.startswith("data:image/png;base64,")
+    expect(page.get_by_test_id("iteration")).to_contain_text("Universal image for update #0")
+
+    studio.set_weight("strength", 0.5)
+    last = studio.attribute("update-status", "data-sent-id")
+    status = page.get_by_test_id("update-status")
+    expect(status).to_contain_text(f"Update #{last} in effect", timeout=WAIT_MS)
+    assert studio.updates()[last]["universalStrength"] == 0.5
+    assert page.get_by_test_id("preview").get_attribute("src") != first
+
+    page.get_by_test_id("finish").click()
+    expect(page.get_by_test_id("result-stats")).to_contain_text(
+        "made in one pass by the universal decoders"
+    )
+    assert not studio.errors
