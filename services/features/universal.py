@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -79,20 +79,36 @@ def mixture_covariance(mean: np.ndarray, second_moment: np.ndarray) -> np.ndarra
     return result
 
 
+CHUNK_PIXELS = 1 << 16  # float64 working copies of one chunk: 64 Ki pixels × C × 8 bytes
+
+
+def _chunks(pixels: int) -> Iterator[slice]:
+    """The feature map in column blocks, so no float64 copy of the whole of it is ever made:
+    at 2048 px relu1_1's is 2 GiB."""
+    for start in range(0, pixels, CHUNK_PIXELS):
+        yield slice(start, min(start + CHUNK_PIXELS, pixels))
+
+
 def masked_moments(
     features: np.ndarray, weights: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Mean (C) and covariance (C×C), float64, of C×h×w features, each pixel weighed (h×w)."""
-    flat = features.reshape(features.shape[0], -1).astype(np.float64)
-    if weights is None:
-        mean = flat.mean(axis=1)
-        centred = flat - mean[:, None]
-        return mean, (centred @ centred.T) / flat.shape[1]
-    w = weights.reshape(-1).astype(np.float64)
-    total = w.sum()
-    mean = (flat @ w) / total
-    centred = flat - mean[:, None]
-    return mean, ((centred * w) @ centred.T) / total
+    """Mean (C) and covariance (C×C), float64, of C×h×w features, each pixel weighed (h×w).
+
+    Both are accumulated in float64 a block at a time: the weighted second moment and mean,
+    then Σ = E[ffᵀ] − μμᵀ. In float64 the cancellation costs ~1e-16 of E[ffᵀ], far under the
+    float32 features' own rounding."""
+    flat = features.reshape(features.shape[0], -1)
+    w = None if weights is None else weights.reshape(-1).astype(np.float64)
+    total = float(flat.shape[1]) if w is None else float(w.sum())
+    first = np.zeros(flat.shape[0])
+    second = np.zeros((flat.shape[0], flat.shape[0]))
+    for block in _chunks(flat.shape[1]):
+        part = flat[:, block].astype(np.float64)
+        weighed = part if w is None else part * w[block]
+        first += weighed.sum(axis=1)
+        second += weighed @ part.T
+    mean = first / total
+    return mean, second / total - np.outer(mean, mean)
 
 
 @dataclass(frozen=True)
@@ -107,14 +123,15 @@ class ChannelTarget:
 
 def colour_features(features: np.ndarray, target: ChannelTarget) -> np.ndarray:
     """Every pixel whitened with the content's statistics under the channel's mask and coloured
-    with the channel's: f' = C*^½ Σ^-½ (f − μ) + μ*, float64."""
+    with the channel's: f' = C*^½ Σ^-½ (f − μ) + μ*, computed in float64, kept as float32."""
     mean, covariance = masked_moments(features, target.influence)
     transfer = colouring(mixture_covariance(target.mean, target.gram)) @ whitening(covariance)
     offset = target.mean.astype(np.float64) - transfer @ mean
-    coloured = transfer @ features.reshape(features.shape[0], -1).astype(np.float64)
-    coloured += offset[:, None]
-    result: np.ndarray = coloured.reshape(features.shape)
-    return result
+    flat = features.reshape(features.shape[0], -1)
+    coloured = np.empty(flat.shape, np.float32)  # float64 a block at a time, kept as float32
+    for block in _chunks(flat.shape[1]):
+        coloured[:, block] = transfer @ flat[:, block].astype(np.float64) + offset[:, None]
+    return coloured.reshape(features.shape)
 
 
 def transform_channels(
@@ -123,13 +140,13 @@ def transform_channels(
     """out(p) = Σₖ wₖ(p)·colourₖ(p) / Σₖ wₖ(p), the content's features where Σₖ wₖ(p) = 0,
     then α·out + (1 − α)·content; C×h×w float32."""
     _, height, width = features.shape
-    total = np.zeros((height, width))
+    total = np.zeros((height, width), np.float32)
     styled: np.ndarray | None = None
     for target in targets:
         influence = (
             np.full((height, width), target.scale)
             if target.influence is None
-            else target.influence.astype(np.float64)
+            else target.influence.astype(np.float32)
         )
         if not np.any(influence > 0):
             continue  # this channel paints nothing at this layer
@@ -146,9 +163,9 @@ def transform_channels(
     np.divide(styled, total, out=styled, where=painted)
     styled[:, ~painted] = features[:, ~painted]
     if strength < 1:
-        styled *= strength
-        styled += (1 - strength) * features
-    return styled.astype(np.float32)
+        styled *= np.float32(strength)
+        styled += np.float32(1 - strength) * features
+    return styled.astype(np.float32, copy=False)
 
 
 # --- Sources and the styliser -------------------------------------------------------------------
@@ -239,6 +256,8 @@ class UniversalStyliser:
         self.max_side_px, self.max_pixels = max_side_px, max_pixels
         options = ort.SessionOptions()
         options.intra_op_num_threads = intra_op_threads
+        # No CPU arena: it would keep the high-water mark of every size run (features/core.py).
+        options.enable_cpu_mem_arena = False
         chosen = list(providers)
         encoder = onnx.load(str(model_dir / self.manifest.onnx_file))
         name = self.manifest.input_name

@@ -10,12 +10,14 @@ from __future__ import annotations
 import grpc
 import numpy as np
 import pytest
+from styleblend.internal.v1 import features_pb2
 from styleblend.v1 import styleblend_pb2 as pb
 
 from services.common import images
-from tests.conftest import Graph, sample
+from tests.conftest import Graph, internal_metadata, sample
 from tests.gateway.test_fast import pixels, requests
 from tests.gateway.test_graph import source
+from tests.gateway.test_references import features_stub
 
 STARRY, GRASS = "style/starry_night.jpg", "style/grass.jpg"
 CAT = "content/chelsea.jpg"
@@ -133,3 +135,23 @@ def test_bad_universal_requests_are_refused_by_name(
         list(graph.stub().Blend(request_, timeout=60))
     assert caught.value.code() == code
     assert message in str(caught.value.details())
+
+
+def test_a_direct_call_is_held_to_the_features_limits_and_needs_the_token(graph: Graph) -> None:
+    """Skipping the gateway buys nothing: no token, no call; with it, the features service's own
+    size limits (the iterative path's) refuse a canvas before any image is decoded."""
+    stub = features_stub(graph)
+    cat = sample(CAT)
+    source_ = features_pb2.UniversalSource(image=cat, content_weight=1.0)
+    huge = features_pb2.UniversalRequest(sources=[source_], width_px=8192, height_px=8192)
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.Universal(huge, timeout=30)
+    assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.Universal(huge, metadata=internal_metadata(graph), timeout=30)
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "8192" in str(caught.value.details())
+    tiny = features_pb2.UniversalRequest(sources=[source_], width_px=8, height_px=8)
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.Universal(tiny, metadata=internal_metadata(graph), timeout=30)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
