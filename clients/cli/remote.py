@@ -294,5 +294,16 @@ def info(args: argparse.Namespace) -> int:
         f"{limits.max_extract_pixels:,} pixels (style images at every scale)",
         "layers         " + " ".join(layer.name for layer in answer.layers),
     ]
+    lines += [
+        f"fast           {model.name}: " + ", ".join(s.name for s in model.styles if s.sha256)
+        for model in answer.fast_models
+    ]
+    universal = answer.universal
+    lines.append(
+        f"universal      {universal.name}: decoders for {' '.join(universal.layers)}; "
+        f"{' '.join(universal.default_levels)} by default"
+        if answer.HasField("universal")
+        else "universal      no decoders (make universal-model)"
+    )
     print("\n".join(lines), file=sys.stdout)
     return 0

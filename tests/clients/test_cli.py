@@ -97,6 +97,8 @@ def test_info_names_the_model(graph: Graph, capsys) -> None:
     out = capsys.readouterr().out
     assert "model          vgg19" in out and "relu4_2" in out
     assert "extraction     at most 4096 px a side, 4,194,304 pixels" in out
+    assert "fast           test-model: starry, scream, matisse" in out
+    assert "universal      test-universal: decoders for relu2_1 relu1_1" in out
 
 
 LOADED = """
@@ -279,7 +281,31 @@ def test_fast_blend_writes_the_network_image_and_replays(graph: Graph, tmp_path:
     assert np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(again)))
 
 
+def test_universal_blend_writes_the_one_pass_image_and_replays(
+    graph: Graph, tmp_path: Path
+) -> None:
+    out, again = tmp_path / "universal.png", tmp_path / "again.png"
+    code = main(["blend", "--source", f"{ASTRONAUT}:content=1", "--source", f"{STARRY}:style=1",
+                 "--universal", "--levels", "relu1_1", "--strength", "0.7", "--size", "64",
+                 "--previews", str(tmp_path / "previews"), "-o", str(out),
+                 "--gateway", graph.address])  # fmt: skip
+    assert code == 0
+    assert Image.open(out).size == (64, 64)
+    assert [p.name for p in (tmp_path / "previews").iterdir()] == ["universal_00000.png"]
+    assert main(["blend", "--recipe", str(out), "-o", str(again), "--gateway", graph.address]) == 0
+    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(again)))
+
+
+def test_universal_options_need_universal(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match="--levels goes with --universal"):
+        main(["blend", "--source", f"{STARRY}:style=1", "--levels", "relu1_1",
+              "-o", str(tmp_path / "x.png")])  # fmt: skip
+    with pytest.raises(SystemExit):  # argparse: not both
+        main(["blend", "--source", f"{STARRY}:style=1", "--fast", "m", "--universal",
+              "-o", str(tmp_path / "x.png")])  # fmt: skip
+
+
 def test_strength_without_fast_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(SystemExit, match="--strength and --refine go with --fast MODEL"):
+    with pytest.raises(SystemExit, match="--strength and --refine go with --fast MODEL or --univ"):
         main(["blend", "--source", f"{STARRY}:style=1", "--strength", "0.5",
               "-o", str(tmp_path / "x.png")])  # fmt: skip
