@@ -25,6 +25,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 from cachetools import LRUCache
+from threadpoolctl import threadpool_limits
 
 from services.blending.core import SourceFeatures, content_targets, style_channels
 from services.common import colour
@@ -390,7 +391,8 @@ class UniversalStyliser:
                 )
                 for c in channels
             ]  # fmt: skip
-            features = transform_channels(features, targets, strength)
+            with threadpool_limits(1, user_api="blas"):  # C×C work: threads only contend
+                features = transform_channels(features, targets, strength)
             lap("transform")
             image = self._decode(layer, features, (height + pad[0][1], width + pad[1][1]))
             lap("decode")
