@@ -26,8 +26,9 @@ from typing import Any
 
 import numpy as np
 import onnxruntime as ort
-from PIL import Image, ImageDraw
+from PIL import Image
 
+from bench.pictures import contact_sheet
 from services.common import images
 from services.common.faststyliser import FastStyliser
 
@@ -144,16 +145,7 @@ def side_by_side(model: Path, side: int) -> tuple[Image.Image, list[dict[str, An
                 }
             )  # fmt: skip
         tiles.append(row)
-    width = max(t.width for row in tiles for _, t in row)
-    height = max(t.height for row in tiles for _, t in row)
-    sheet = Image.new("RGB", (len(tiles[0]) * (width + 4), len(tiles) * (height + 20)), "white")
-    draw = ImageDraw.Draw(sheet)
-    for r, row in enumerate(tiles):
-        for c, (label, tile) in enumerate(row):
-            x, y = c * (width + 4), r * (height + 20)
-            sheet.paste(tile.resize((width, height)), (x, y + 18))
-            draw.text((x + 2, y + 3), label, fill="black")
-    return sheet, judged
+    return contact_sheet(tiles), judged
 
 
 def quality_lines(judged: list[dict[str, Any]]) -> list[str]:

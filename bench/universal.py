@@ -26,11 +26,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from bench.graph import ROOT, commit, interleaved_ms, write_report
 from bench.large import STYLE_LAYERS, served_net, strides
 from bench.numbers import cpu_model
+from bench.pictures import contact_sheet
 from services.common import images
 from services.common.manifest import Manifest
 from services.features.universal import ContentSource, UniversalStyle, UniversalStyliser
@@ -328,21 +329,6 @@ def quality(
     return row, tiles
 
 
-def sheet(rows: list[list[tuple[str, Image.Image]]]) -> Image.Image:
-    width = max(t.width for row in rows for _, t in row)
-    height = max(t.height for row in rows for _, t in row)
-    picture = Image.new("RGB", (len(rows[0]) * (width + 4), len(rows) * (height + 20)), "white")
-    draw = ImageDraw.Draw(picture)
-    for r, row in enumerate(rows):
-        for c, (label, tile) in enumerate(row):
-            x, y = c * (width + 4), r * (height + 20)
-            tile = tile.convert("RGB")
-            tile.thumbnail((width, height))
-            picture.paste(tile, (x, y + 18))
-            draw.text((x + 2, y + 3), label, fill="black")
-    return picture
-
-
 # --- the report ---------------------------------------------------------------------------------
 
 
@@ -495,7 +481,7 @@ def main() -> int:
     report["targets"] = [
         {"target": t, "measured": m, "met": ok} for t, m, ok in targets_met(report)
     ]
-    sheet([tiles for _, tiles in results]).save(args.out / "universal-vs.jpg", quality=90)
+    contact_sheet([tiles for _, tiles in results]).save(args.out / "universal-vs.jpg", quality=90)
     text = markdown(report)
     write_report(args.out, "universal", report, text)
     print(text)
