@@ -115,11 +115,11 @@ photos: $(PHOTOS)/.stamp
 # The universal method's decoders (WCT), VGG19's five relu*_1 layers at half width, trained
 # on the bundled and downloaded photos: 400 steps a level on 128 px crops, 13 min on a
 # 2-core CPU shared with other jobs (issue 14's session; relu5_1 takes half of it). A request
-# naming no levels gets relu3_1 and relu1_1: 0.55 s at 512 px, and at this much training the
-# deeper decoders lose the content (README, Universal blends).
+# naming no levels gets relu3_1 alone: 0.47 s at 512 px and, at this much training, nearer the
+# targets than any chain of levels (README, Universal blends; make bench-universal).
 UNIVERSAL_MODEL := models/universal
 UNIVERSAL_STEPS ?= 400
-UNIVERSAL_DEFAULT_LEVELS := --default-levels relu3_1,relu1_1
+UNIVERSAL_DEFAULT_LEVELS := --default-levels relu3_1
 $(UNIVERSAL_MODEL)/universal.json: $(PHOTOS)/.stamp | $(VENV)/.installed
 	$(BIN)/styleblend export --model vgg19
 	$(PY) -m export.train_universal --out $(UNIVERSAL_MODEL) --steps $(UNIVERSAL_STEPS) \

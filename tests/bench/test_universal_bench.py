@@ -49,5 +49,5 @@ def test_targets_met_reads_the_medians_and_the_refine_cap() -> None:
 
 
 def test_level_names() -> None:
-    assert universal.level_name(universal.BEST) == "relu3_1+relu1_1"
+    assert universal.level_name(("relu3_1", "relu1_1")) == "relu3_1+relu1_1"
     assert universal.level_name(universal.LEVEL_SETS[-1]) == "all"
