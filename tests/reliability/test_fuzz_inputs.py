@@ -205,7 +205,9 @@ def check_update(planning: Planning, update: pb.SessionUpdate, outcomes: Counter
     try:
         updated = apply_update(plan, update, planning.config, planning.uploaded.get)
     except PLAN_REFUSED as error:
-        assert str(error).startswith(("update.", "regions", "every ", "fast_strength", "preserve"))
+        assert str(error).startswith(
+            ("update.", "regions", "every ", "fast_strength", "universal_strength", "preserve")
+        )
         outcomes[type(error).__name__] += 1
         return
     assert len(updated.sources) == len(plan.sources) and updated.scales == plan.scales
