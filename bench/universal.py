@@ -201,11 +201,13 @@ def speed(
     """Every level set warm and cold, one L-BFGS iteration and the peer, taking turns."""
     photo, painting = pair.pixels(size)
     key = f"{pair.painting.name}@{size}"
-    styliser.statistics(painting, key)
+    styliser.keep(key, styliser.statistics(painting))
     contents = [ContentSource(photo, 1.0)]
 
     def warm(levels: tuple[str, ...]) -> Callable[[], object]:
-        styles = [UniversalStyle(styliser.statistics(painting, key), 1.0)]
+        kept = styliser.kept(key)
+        assert kept is not None
+        styles = [UniversalStyle(kept, 1.0)]
         return lambda: styliser.stylise(contents, styles, levels=list(levels))
 
     def cold(levels: tuple[str, ...]) -> Callable[[], object]:

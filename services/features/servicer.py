@@ -154,28 +154,16 @@ class FeaturesServicer(features_pb2_grpc.FeaturesServiceServicer):
         assert self.fast is not None
         width, height, given = request.width_px, request.height_px, request.style_mix
         self.fast.check_size(width, height)  # before any map is decoded at that size
-
-        def mask(data: bytes, sha256: str, what: str) -> np.ndarray | None:
-            encoded = self.images.resolve(data, sha256, what)
-            return images.to_mask(encoded, width, height, what) if encoded else None
-
         sources = [
             StyleSource(
                 style=source.style,
                 style_weight=source.style_weight,
-                style_map=mask(
-                    source.style_map, source.style_map_sha256, f"style_mix.sources[{i}].style_map"
-                ),
+                style_map=self._mask(source.style_map, source.style_map_sha256, width, height,
+                                     f"style_mix.sources[{i}].style_map"),
             )
             for i, source in enumerate(given.sources)
-        ]
-        regions = []
-        for k, region in enumerate(given.regions):
-            what = f"style_mix.regions[{k}].mask"
-            found = mask(region.mask, region.mask_sha256, what)
-            if found is None:
-                raise InvalidArgument(f"{what} is missing")
-            regions.append(Region(mask=found, style_weights=list(region.style_weights)))
+        ]  # fmt: skip
+        regions = self._regions(given.regions, width, height, "style_mix.")
         return self.fast.style_mix(request.model, width, height, sources, regions, given.strength)
 
     def Universal(
@@ -204,17 +192,24 @@ class FeaturesServicer(features_pb2_grpc.FeaturesServiceServicer):
         if not contents:
             raise InvalidArgument("sources: at least one needs a content_weight > 0")
         reference = content_pixels(contents)
-        styles = []
+        styles, taken = [], {}
         for i, source in enumerate(request.sources):
             statistics = {}
             if brings_style(i, source.style_weight, regions):
                 w, h = source.style_width_px, source.style_height_px
                 styliser.check_size(w, h, f"sources[{i}].style_width_px × style_height_px")
-                pixels = images.to_canvas(self._image(source, i), w, h, f"sources[{i}].image")
-                key = f"{source.image_sha256 or images.sha256(source.image)}:{w}x{h}:{preserve}"
+                image = self._image(source, i)
+                key = f"{source.image_sha256 or images.sha256(image)}:{w}x{h}:{preserve}"
                 if preserve == "match":  # its colours depend on the content's
                     key += f":{images.sha256(reference.tobytes())}"
-                statistics = styliser.statistics(prepare_style(pixels, reference, preserve), key)
+                # A slider move finds the painting's statistics: no decoding, no encoder run.
+                kept = styliser.kept(key)
+                if kept is None:
+                    pixels = images.to_canvas(image, w, h, f"sources[{i}].image")
+                    kept = taken[key] = styliser.statistics(
+                        prepare_style(pixels, reference, preserve)
+                    )
+                statistics = kept
             style_map = self._mask(
                 source.style_map, source.style_map_sha256, width, height, f"sources[{i}].style_map"
             )
@@ -222,6 +217,8 @@ class FeaturesServicer(features_pb2_grpc.FeaturesServiceServicer):
         made = styliser.stylise(
             contents, styles, regions, request.strength, preserve, list(request.levels) or None
         )
+        for key, statistics in taken.items():  # only now: a refused request keeps nothing
+            styliser.keep(key, statistics)
         self.images.keep(
             *(s.image for s in request.sources),
             *(s.style_map for s in request.sources),
@@ -241,10 +238,13 @@ class FeaturesServicer(features_pb2_grpc.FeaturesServiceServicer):
         encoded = self.images.resolve(data, sha256, what)
         return images.to_mask(encoded, width, height, what) if encoded else None
 
-    def _regions(self, given: Sequence[Any], width: int, height: int) -> list[Region]:
+    def _regions(
+        self, given: Sequence[Any], width: int, height: int, prefix: str = ""
+    ) -> list[Region]:
+        """The guidance channels' masks at width × height; a region without one is refused."""
         regions = []
         for k, region in enumerate(given):
-            what = f"regions[{k}].mask"
+            what = f"{prefix}regions[{k}].mask"
             found = self._mask(region.mask, region.mask_sha256, width, height, what)
             if found is None:
                 raise InvalidArgument(f"{what} is missing")

@@ -292,15 +292,20 @@ class UniversalStyliser:
             )
         check_run_size(width, height, self.max_side_px, self.max_pixels)
 
-    def statistics(self, pixels: np.ndarray, key: str | None = None) -> Statistics:
+    def kept(self, key: str) -> Statistics | None:
+        """The statistics kept under `key` (an image's sha256, size and colour transform)."""
+        with self._lock:
+            return self._statistics.get(key)
+
+    def keep(self, key: str, statistics: Statistics) -> None:
+        """Keep a style image's statistics, once the request that took them has succeeded: a
+        slider move then runs no encoder on the paintings, and a refused request keeps none."""
+        with self._lock:
+            self._statistics[key] = statistics
+
+    def statistics(self, pixels: np.ndarray) -> Statistics:
         """Mean and Gram (the iterative path's G = F Fᵀ / HW) of a style image at every level,
-        from one encoder run. `key` names the image's content (e.g. its sha256, size and
-        colour transform); with it the statistics are kept, and found again without a run."""
-        if key is not None:
-            with self._lock:
-                found = self._statistics.get(key)
-            if found is not None:
-                return found
+        from one encoder run."""
         check_pixels(pixels, "style pixels")
         self.check_size(pixels.shape[1], pixels.shape[0], "style pixels")
         layers = sorted(self.layers)
@@ -316,8 +321,6 @@ class UniversalStyliser:
         malloc_trim()
         with self._lock:
             self.encoder_runs += 1
-            if key is not None:
-                self._statistics[key] = result
         return result
 
     def stylise(

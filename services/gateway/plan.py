@@ -332,6 +332,11 @@ def plan_fast(
     return fast
 
 
+def _check_universal(sources: Sequence[PlannedSource]) -> None:
+    if not any(s.content_weight > 0 for s in sources):
+        raise InvalidArgument("universal: the method needs a source with a content_weight > 0")
+
+
 def plan_universal(
     request: styleblend_pb2.UniversalOptions,
     sources: Sequence[PlannedSource],
@@ -351,8 +356,7 @@ def plan_universal(
             )
     if len(set(levels)) != len(levels):
         raise InvalidArgument(f"universal.levels: {list(levels)} names a level twice")
-    if not any(s.content_weight > 0 for s in sources):
-        raise InvalidArgument("universal: the method needs a source with a content_weight > 0")
+    _check_universal(sources)
     strength = (
         _strength(request.strength, "universal.strength") if request.HasField("strength") else 1.0
     )
@@ -596,8 +600,8 @@ def apply_update(
         universal = dataclasses.replace(
             universal, strength=_strength(update.universal_strength, "update.universal_strength")
         )
-    if universal is not None and not any(s.content_weight > 0 for s in sources):
-        raise InvalidArgument("universal: the method needs a source with a content_weight > 0")
+    if universal is not None:
+        _check_universal(sources)
     updated = dataclasses.replace(
         plan,
         fast=fast,

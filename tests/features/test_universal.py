@@ -222,10 +222,11 @@ def test_statistics_are_the_iterative_paths_grams(
 
 
 def test_statistics_are_kept_by_key(styliser: UniversalStyliser) -> None:
-    pixels = strokes(BLUE, 1)
-    first = styliser.statistics(pixels, key="blue-strokes")
+    assert styliser.kept("blue-strokes") is None
+    first = styliser.statistics(strokes(BLUE, 1))
+    styliser.keep("blue-strokes", first)
     runs = styliser.encoder_runs
-    assert styliser.statistics(pixels, key="blue-strokes") is first
+    assert styliser.kept("blue-strokes") is first
     assert styliser.encoder_runs == runs
 
 

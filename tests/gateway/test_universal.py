@@ -155,3 +155,34 @@ def test_a_direct_call_is_held_to_the_features_limits_and_needs_the_token(graph:
     with pytest.raises(grpc.RpcError) as caught:
         stub.Universal(tiny, metadata=internal_metadata(graph), timeout=30)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_a_refused_call_keeps_no_statistics_and_a_slider_move_encodes_only_the_photo(
+    graph: Graph,
+) -> None:
+    styliser = graph.servicers["features"].servicer.universal  # type: ignore[attr-defined]
+    ramp = np.tile(np.linspace(0, 1, 48, dtype=np.float32), (48, 1))
+    painting = images.encode(np.dstack([ramp, ramp[::-1], ramp.T]))
+
+    def request(strength: float) -> features_pb2.UniversalRequest:
+        return features_pb2.UniversalRequest(
+            sources=[
+                features_pb2.UniversalSource(image=sample(CAT), content_weight=1.0),
+                features_pb2.UniversalSource(image=painting, style_weight=1.0,
+                                             style_width_px=48, style_height_px=48),
+            ],
+            width_px=64, height_px=48, strength=strength,
+        )  # fmt: skip
+
+    key = f"{images.sha256(painting)}:48x48:"
+    stub, metadata = features_stub(graph), internal_metadata(graph)
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.Universal(request(2.0), metadata=metadata, timeout=60)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert styliser.kept(key) is None  # refused: nothing kept
+    first = stub.Universal(request(1.0), metadata=metadata, timeout=60)
+    assert styliser.kept(key) is not None
+    runs = styliser.encoder_runs
+    again = stub.Universal(request(1.0), metadata=metadata, timeout=60)
+    assert again.image == first.image
+    assert styliser.encoder_runs - runs == len(styliser.universal.levels_by_default)  # the photo's
