@@ -205,6 +205,10 @@ class GatewayConfig(ServiceConfig):
     # Limits: over any of them a request is RESOURCE_EXHAUSTED.
     max_side_px: int = Field(1024, ge=MIN_SIDE_PX)
     max_sources: int = Field(8, ge=1)
+    # Each region's mask is decoded at the canvas and each is a guidance channel (a Gram per style
+    # layer, a colouring per universal level): an upload referenced 10,000 times would cost
+    # 10,000 canvas-sized masks. 16 is more than a person paints.
+    max_regions: int = Field(16, ge=0)
     max_iterations: int = Field(2000, ge=1)
     max_request_bytes: int = Field(64 * MiB, gt=0)
     max_image_pixels: int = Field(40_000_000, gt=0)

@@ -191,6 +191,7 @@ class Gateway:
             limits=styleblend_pb2.Limits(
                 max_side_px=config.max_side_px,
                 max_sources=config.max_sources,
+                max_regions=config.max_regions,
                 max_iterations=config.max_iterations,
                 max_request_bytes=config.max_request_bytes,
                 max_image_pixels=config.max_image_pixels,

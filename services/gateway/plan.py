@@ -248,8 +248,12 @@ def _source(index: int, source: styleblend_pb2.Source, resolve: Images) -> Plann
 
 
 def _regions(
-    regions: Sequence[styleblend_pb2.Region], sources: int, resolve: Images
+    regions: Sequence[styleblend_pb2.Region], sources: int, resolve: Images, limit: int
 ) -> tuple[PlannedRegion, ...]:
+    if len(regions) > limit:
+        raise ResourceExhausted(
+            f"regions: {len(regions)} is over the limit of {limit} (STYLEBLEND_MAX_REGIONS)"
+        )
     planned = []
     for k, region in enumerate(regions):
         field = f"regions[{k}]"
@@ -415,7 +419,7 @@ def plan_blend(
         raise ResourceExhausted(f"sources: {count} is over the limit of {config.max_sources}")
     resolve = Images(uploads, config)
     sources = tuple(_source(i, s, resolve) for i, s in enumerate(request.sources))
-    regions = _regions(request.regions, count, resolve)
+    regions = _regions(request.regions, count, resolve, config.max_regions)
     _enum(request.preserve_color, styleblend_pb2.PreserveColor, "preserve_color")
     preserve_color = PRESERVE_COLORS[request.preserve_color]
     _check_blend(sources, regions, preserve_color)
@@ -580,7 +584,7 @@ def apply_update(
         sources[change.index] = dataclasses.replace(source, **changes)
     regions = plan.regions
     if update.HasField("regions"):
-        regions = _regions(update.regions.regions, len(sources), resolve)
+        regions = _regions(update.regions.regions, len(sources), resolve, config.max_regions)
     _check_blend(sources, regions, plan.preserve_color)
     fast = plan.fast
     if update.HasField("fast_strength"):

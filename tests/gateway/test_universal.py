@@ -186,3 +186,22 @@ def test_a_refused_call_keeps_no_statistics_and_a_slider_move_encodes_only_the_p
     again = stub.Universal(request(1.0), metadata=metadata, timeout=60)
     assert again.image == first.image
     assert styliser.encoder_runs - runs == len(styliser.universal.levels_by_default)  # the photo's
+
+
+def test_regions_are_bounded_before_any_mask_is_decoded(graph: Graph) -> None:
+    """One small mask named 10,000 times would be 10,000 canvas-sized masks and channels."""
+    limit = graph.config.max_regions
+    mask = pb.InfluenceMap(data=images.encode(np.ones((8, 8, 3), np.float32)))
+    many = [pb.Region(mask=mask, style_weights=[0, 1])] * (limit + 1)
+    request = universal_request(source(CAT, 0, 1), source(GRASS, 0, 0))
+    request.regions.extend(many)
+    with pytest.raises(grpc.RpcError) as caught:
+        list(graph.stub().Blend(request, timeout=60))
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert f"regions: {limit + 1} is over the limit of {limit}" in str(caught.value.details())
+    start = universal_request(source(CAT, 0, 1), source(GRASS, 1, 0))
+    update = pb.SessionUpdate(update_id=1, regions=pb.Regions(regions=many))
+    events = [r.event for r in graph.stub().Session(requests(start, update), timeout=120)]
+    (rejected,) = [e.update_rejected for e in events if e.HasField("update_rejected")]
+    assert rejected.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+    assert events[-1].HasField("result")  # the session went on without it
