@@ -14,7 +14,15 @@ from services.common.errors import ResourceExhausted
 from services.common.fastmodel import FastManifest
 from services.common.manifest import Manifest
 from services.common.universalmodel import UniversalManifest
-from services.gateway.plan import plan_blend
+from services.gateway.plan import (
+    OPTIMIZERS,
+    Plan,
+    Update,
+    parse_update,
+    plan_blend,
+    proto_value,
+    request_defaults,
+)
 from services.gateway.run import BlendRun, Runs, Upstreams
 
 VERSION = "0.1.0"
@@ -150,24 +158,27 @@ class Gateway:
     def uploaded(self, upload_id: str) -> bytes | None:
         return self.uploads.get(upload_id)
 
-    def start(
-        self, request: styleblend_pb2.BlendRequest, upstreams: Upstreams | None = None
-    ) -> BlendRun:
-        """Check everything and return the run; nothing has been computed yet. `upstreams`:
-        the channels this run calls through (e.g. ones that name its session)."""
+    def plan(self, request: styleblend_pb2.BlendRequest) -> Plan:
+        """Every check of a request, before any work: the plan, or the error that names why."""
         model = self.model()
-        plan = plan_blend(
+        return plan_blend(
             request, model.manifest, self.config, self.uploaded, model.fast, model.universal
         )
-        return self.runs.track(
-            BlendRun(plan, model.manifest, upstreams or self.upstreams, self.config, self.uploaded)
-        )
+
+    def parse_update(self, message: styleblend_pb2.SessionUpdate) -> Update:
+        return parse_update(message, self.config, self.uploaded)
+
+    def start(self, plan: Plan, upstreams: Upstreams | None = None) -> BlendRun:
+        """The run of a plan; nothing has been computed yet. `upstreams`: the channels this run
+        calls through (e.g. ones that name its session)."""
+        manifest = self.model().manifest
+        return self.runs.track(BlendRun(plan, manifest, upstreams or self.upstreams, self.config))
 
     def info(self) -> styleblend_pb2.GetInfoResponse:
         model = self.model()
         manifest = model.manifest
         device = self.upstreams.get_device()
-        config, losses = self.config, manifest.loss_defaults
+        config, defaults = self.config, request_defaults(manifest, self.config)
         return styleblend_pb2.GetInfoResponse(
             model=manifest.model,
             weights_sha256=manifest.weights_sha256,
@@ -177,16 +188,16 @@ class Gateway:
                 for layer in manifest.layers
             ],
             defaults=styleblend_pb2.Defaults(
-                max_side_px=config.default_side_px,
-                iterations=config.default_iterations,
-                optimizer=styleblend_pb2.OPTIMIZER_LBFGS,
-                style_layers=manifest.default_style_layers,
-                content_layers=manifest.default_content_layers,
-                content_loss_weight=losses.content,
-                style_loss_weight=losses.style,
-                tv_loss_weight=losses.tv,
-                preview_every=config.default_preview_every,
-                learning_rate=config.default_learning_rate,
+                max_side_px=defaults.side_px,
+                iterations=defaults.iterations,
+                optimizer=proto_value(OPTIMIZERS, defaults.optimizer),  # type: ignore[arg-type]
+                style_layers=defaults.style_layers,
+                content_layers=defaults.content_layers,
+                content_loss_weight=defaults.content_loss_weight,
+                style_loss_weight=defaults.style_loss_weight,
+                tv_loss_weight=defaults.tv_loss_weight,
+                preview_every=defaults.preview_every,
+                learning_rate=defaults.learning_rate,
             ),
             limits=styleblend_pb2.Limits(
                 max_side_px=config.max_side_px,

@@ -33,13 +33,11 @@ MAX_LEARNING_RATE = 1.0  # Adam's step in pixel units: one step across the whole
 Optimizer = Literal["lbfgs", "adam"]
 Init = Literal["content", "noise", "image"]
 PreserveColor = Literal["", "luminance", "histogram"]
-OPTIMIZERS: dict[int, Optimizer] = {
-    styleblend_pb2.OPTIMIZER_UNSPECIFIED: "lbfgs",
+OPTIMIZERS: dict[int, Optimizer] = {  # UNSPECIFIED: Defaults.optimizer
     styleblend_pb2.OPTIMIZER_LBFGS: "lbfgs",
     styleblend_pb2.OPTIMIZER_ADAM: "adam",
 }
-INITS: dict[int, Init] = {
-    styleblend_pb2.INIT_UNSPECIFIED: "content",
+INITS: dict[int, Init] = {  # UNSPECIFIED: Defaults.init
     styleblend_pb2.INIT_CONTENT: "content",
     styleblend_pb2.INIT_NOISE: "noise",
     styleblend_pb2.INIT_IMAGE: "image",
@@ -51,6 +49,41 @@ PRESERVE_COLORS: dict[int, PreserveColor] = {
 }
 
 Uploads = Callable[[str], bytes | None]
+
+
+@dataclass(frozen=True)
+class Defaults:
+    """What each field a request leaves unset becomes: their one home, which GetInfo reports.
+    The model's manifest gives the layers and loss weights, the gateway's config the rest."""
+
+    side_px: int
+    iterations: int
+    preview_every: int
+    learning_rate: float
+    style_layers: tuple[str, ...]
+    content_layers: tuple[str, ...]
+    content_loss_weight: float
+    style_loss_weight: float
+    tv_loss_weight: float
+    optimizer: Optimizer = "lbfgs"
+    init: Init = "content"
+    style_scale: float = 1.0
+    strength: float = 1.0  # fast's and universal's: all style
+
+
+def request_defaults(manifest: Manifest, config: GatewayConfig) -> Defaults:
+    losses = manifest.loss_defaults
+    return Defaults(
+        side_px=config.default_side_px,
+        iterations=config.default_iterations,
+        preview_every=config.default_preview_every,
+        learning_rate=config.default_learning_rate,
+        style_layers=tuple(manifest.default_style_layers),
+        content_layers=tuple(manifest.default_content_layers),
+        content_loss_weight=losses.content,
+        style_loss_weight=losses.style,
+        tv_loss_weight=losses.tv,
+    )
 
 
 @dataclass(frozen=True)
@@ -248,8 +281,12 @@ def _source(index: int, source: styleblend_pb2.Source, resolve: Images) -> Plann
 
 
 def _regions(
-    regions: Sequence[styleblend_pb2.Region], sources: int, resolve: Images, limit: int
+    regions: Sequence[styleblend_pb2.Region],
+    sources: int | None,
+    resolve: Images,
+    limit: int,
 ) -> tuple[PlannedRegion, ...]:
+    """`sources`: how many weights each region needs (None: checked when the update applies)."""
     if len(regions) > limit:
         raise ResourceExhausted(
             f"regions: {len(regions)} is over the limit of {limit} (STYLEBLEND_MAX_REGIONS)"
@@ -259,7 +296,7 @@ def _regions(
         field = f"regions[{k}]"
         if not region.HasField("mask"):
             raise InvalidArgument(f"{field}.mask is missing")
-        if len(region.style_weights) != sources:
+        if sources is not None and len(region.style_weights) != sources:
             raise InvalidArgument(
                 f"{field}.style_weights: {len(region.style_weights)} weights for {sources} sources"
             )
@@ -268,6 +305,15 @@ def _regions(
         )
         planned.append(PlannedRegion(resolve(region.mask, f"{field}.mask"), weights))
     return tuple(planned)
+
+
+def _check_region_weights(regions: Sequence[PlannedRegion], sources: int) -> None:
+    for k, region in enumerate(regions):
+        if len(region.style_weights) != sources:
+            raise InvalidArgument(
+                f"regions[{k}].style_weights: {len(region.style_weights)} weights for {sources} "
+                "sources"
+            )
 
 
 def _check_blend(
@@ -315,6 +361,7 @@ def plan_fast(
     sources: Sequence[PlannedSource],
     regions: Sequence[PlannedRegion],
     fast_models: Mapping[str, FastManifest],
+    defaults: Defaults,
 ) -> FastPlan:
     model = fast_models.get(request.model)
     if model is None:
@@ -329,7 +376,7 @@ def plan_fast(
             -1 if (style := model.style_for(s.image.sha256)) is None else style for s in sources
         ),
         strength=_strength(request.strength, "fast.strength") if request.HasField("strength")
-        else 1.0,
+        else defaults.strength,
         refine=request.refine,
     )  # fmt: skip
     _check_fast(fast, sources, regions)
@@ -345,6 +392,7 @@ def plan_universal(
     request: styleblend_pb2.UniversalOptions,
     sources: Sequence[PlannedSource],
     model: UniversalManifest | None,
+    defaults: Defaults,
 ) -> UniversalPlan:
     if model is None:
         raise FailedPrecondition(
@@ -362,13 +410,19 @@ def plan_universal(
         raise InvalidArgument(f"universal.levels: {list(levels)} names a level twice")
     _check_universal(sources)
     strength = (
-        _strength(request.strength, "universal.strength") if request.HasField("strength") else 1.0
+        _strength(request.strength, "universal.strength")
+        if request.HasField("strength")
+        else defaults.strength
     )
     return UniversalPlan(model, levels, strength, request.refine)
 
 
 def plan_scales(
-    request: styleblend_pb2.BlendRequest, width: int, height: int, config: GatewayConfig
+    request: styleblend_pb2.BlendRequest,
+    width: int,
+    height: int,
+    config: GatewayConfig,
+    defaults: Defaults,
 ) -> tuple[Scale, ...]:
     """Sizes halve from the canvas down; iterations are given per scale or split evenly."""
     side = max(width, height)
@@ -395,7 +449,7 @@ def plan_scales(
             )
     else:
         total = _bounded(
-            request.iterations, config.default_iterations, config.max_iterations, "iterations"
+            request.iterations, defaults.iterations, config.max_iterations, "iterations"
         )
         if total < count:
             raise InvalidArgument(f"iterations: {total} cannot cover {count} scales")
@@ -417,6 +471,7 @@ def plan_blend(
         raise InvalidArgument("sources: at least one source is needed")
     if count > config.max_sources:
         raise ResourceExhausted(f"sources: {count} is over the limit of {config.max_sources}")
+    defaults = request_defaults(manifest, config)
     resolve = Images(uploads, config)
     sources = tuple(_source(i, s, resolve) for i, s in enumerate(request.sources))
     regions = _regions(request.regions, count, resolve, config.max_regions)
@@ -427,7 +482,7 @@ def plan_blend(
         raise InvalidArgument("fast and universal: ask for one one-pass method, not both")
 
     side = _bounded(
-        request.max_side_px, config.default_side_px, config.max_side_px, "max_side_px", MIN_SIDE_PX
+        request.max_side_px, defaults.side_px, config.max_side_px, "max_side_px", MIN_SIDE_PX
     )
     canvas_index = max(range(count), key=lambda i: sources[i].content_weight)
     canvas_source = sources[canvas_index].image.header
@@ -442,9 +497,9 @@ def plan_blend(
 
     _enum(request.optimizer, styleblend_pb2.Optimizer, "optimizer")
     _enum(request.init, styleblend_pb2.Init, "init")
-    init = request.init or styleblend_pb2.INIT_CONTENT
+    init = INITS.get(request.init, defaults.init)
     init_image = None
-    if init == styleblend_pb2.INIT_IMAGE:
+    if init == "image":
         if not request.init_image:
             raise InvalidArgument("init_image is required when init is INIT_IMAGE")
         data = request.init_image
@@ -453,43 +508,40 @@ def plan_blend(
     elif request.init_image:
         raise InvalidArgument("init_image is set but init is not INIT_IMAGE")
 
-    style_scale = request.style_scale if request.HasField("style_scale") else 1.0
+    style_scale = request.style_scale if request.HasField("style_scale") else defaults.style_scale
     low, high = STYLE_SCALE_RANGE
     if not low <= style_scale <= high:
         raise InvalidArgument(f"style_scale must be within {low}..{high}, got {style_scale}")
 
-    defaults = manifest.loss_defaults
     plan = Plan(
         sources=sources,
         regions=regions,
-        scales=plan_scales(request, width, height, config),
-        style_layers=_layers(
-            request.style_layers, manifest.default_style_layers, manifest, "style_layers"
-        ),
+        scales=plan_scales(request, width, height, config, defaults),
+        style_layers=_layers(request.style_layers, defaults.style_layers, manifest, "style_layers"),
         content_layers=_layers(
-            request.content_layers, manifest.default_content_layers, manifest, "content_layers"
+            request.content_layers, defaults.content_layers, manifest, "content_layers"
         ),
-        optimizer=OPTIMIZERS[request.optimizer],
-        content_loss_weight=_optional(request, "content_loss_weight", defaults.content),
-        style_loss_weight=_optional(request, "style_loss_weight", defaults.style),
-        tv_loss_weight=_optional(request, "tv_loss_weight", defaults.tv),
-        init=INITS[init],
+        optimizer=OPTIMIZERS.get(request.optimizer, defaults.optimizer),
+        content_loss_weight=_optional(request, "content_loss_weight", defaults.content_loss_weight),
+        style_loss_weight=_optional(request, "style_loss_weight", defaults.style_loss_weight),
+        tv_loss_weight=_optional(request, "tv_loss_weight", defaults.tv_loss_weight),
+        init=init,
         init_image=init_image,
         seed=request.seed if request.HasField("seed") else secrets.randbits(63),
-        preview_every=request.preview_every or config.default_preview_every,
+        preview_every=request.preview_every or defaults.preview_every,
         learning_rate=_optional(
             request,
             "learning_rate",
-            config.default_learning_rate,
+            defaults.learning_rate,
             positive=True,
             largest=MAX_LEARNING_RATE,
         ),
         preserve_color=preserve_color,
         style_scale=style_scale,
-        fast=plan_fast(request.fast, sources, regions, fast_models or {})
+        fast=plan_fast(request.fast, sources, regions, fast_models or {}, defaults)
         if request.HasField("fast")
         else None,
-        universal=plan_universal(request.universal, sources, universal_model)
+        universal=plan_universal(request.universal, sources, universal_model, defaults)
         if request.HasField("universal")
         else None,
     )
@@ -503,12 +555,11 @@ def _optional(
     default: float,
     *,
     positive: bool = False,
-    prefix: str = "",
     largest: float = MAX_WEIGHT,
 ) -> float:
     if not message.HasField(field):
         return default
-    return _weight(getattr(message, field), f"{prefix}{field}", positive=positive, largest=largest)
+    return _weight(getattr(message, field), field, positive=positive, largest=largest)
 
 
 def check_extractions(plan: Plan, config: GatewayConfig) -> None:
@@ -561,49 +612,98 @@ def _brings_style(plan: Plan, index: int) -> bool:
     )
 
 
-def apply_update(
-    plan: Plan, update: styleblend_pb2.SessionUpdate, config: GatewayConfig, uploads: Uploads
-) -> Plan:
-    """The plan with a session update applied, checked as a new request would be."""
+@dataclass(frozen=True)
+class SourceChange:
+    index: int
+    # PlannedSource's fields that change, to their new values; a map set to None is cleared.
+    changes: Mapping[str, float | PlannedImage | None]
+
+
+@dataclass(frozen=True)
+class Update:
+    """A session update as the gateway holds it: checked, its images resolved and decoded."""
+
+    update_id: int
+    at_iteration: int = 0  # 0: as soon as possible
+    sources: tuple[SourceChange, ...] = ()
+    regions: tuple[PlannedRegion, ...] | None = None  # None: the regions stay
+    loss_weights: Mapping[str, float] = dataclasses.field(default_factory=dict)  # by Plan field
+    fast_strength: float | None = None
+    universal_strength: float | None = None
+
+
+LOSS_WEIGHTS = ("content_loss_weight", "style_loss_weight", "tv_loss_weight")
+
+
+def parse_update(
+    message: styleblend_pb2.SessionUpdate, config: GatewayConfig, uploads: Uploads
+) -> Update:
+    """Every check an update allows on its own; what depends on the session is apply_update's."""
     resolve = Images(uploads, config)
-    sources = list(plan.sources)
-    for change in update.sources:
+    changes = []
+    for change in message.sources:
         field = f"update.sources[{change.index}]"
-        if change.index >= len(sources):
-            raise InvalidArgument(f"{field}: no such source; the session has {len(sources)}")
-        source = sources[change.index]
-        changes: dict[str, Any] = {}
+        values: dict[str, float | PlannedImage | None] = {}
         for name in ("style_weight", "content_weight"):
             if change.HasField(name):
-                changes[name] = _weight(getattr(change, name), f"{field}.{name}")
+                values[name] = _weight(getattr(change, name), f"{field}.{name}")
         for name in ("style_map", "content_map"):
             if getattr(change, f"clear_{name}"):
-                changes[name] = None
+                values[name] = None
             elif change.HasField(name):  # type: ignore[arg-type]
-                changes[name] = resolve(getattr(change, name), f"{field}.{name}")
-        sources[change.index] = dataclasses.replace(source, **changes)
+                values[name] = resolve(getattr(change, name), f"{field}.{name}")
+        changes.append(SourceChange(change.index, values))
+    regions = None
+    if message.HasField("regions"):
+        regions = _regions(message.regions.regions, None, resolve, config.max_regions)
+    return Update(
+        update_id=message.update_id,
+        at_iteration=message.at_iteration,
+        sources=tuple(changes),
+        regions=regions,
+        loss_weights={
+            name: _weight(getattr(message, name), f"update.{name}")
+            for name in LOSS_WEIGHTS
+            if message.HasField(name)  # type: ignore[arg-type]
+        },
+        fast_strength=_strength(message.fast_strength, "update.fast_strength")
+        if message.HasField("fast_strength")
+        else None,
+        universal_strength=_strength(message.universal_strength, "update.universal_strength")
+        if message.HasField("universal_strength")
+        else None,
+    )
+
+
+def apply_update(plan: Plan, update: Update, config: GatewayConfig) -> Plan:
+    """The plan with a parsed update applied, checked as a new request would be."""
+    sources = list(plan.sources)
+    for change in update.sources:
+        if change.index >= len(sources):
+            raise InvalidArgument(
+                f"update.sources[{change.index}]: no such source; the session has {len(sources)}"
+            )
+        changed = dataclasses.replace(sources[change.index], **change.changes)  # type: ignore[arg-type]
+        sources[change.index] = changed
     regions = plan.regions
-    if update.HasField("regions"):
-        regions = _regions(update.regions.regions, len(sources), resolve, config.max_regions)
+    if update.regions is not None:
+        _check_region_weights(update.regions, len(sources))
+        regions = update.regions
     _check_blend(sources, regions, plan.preserve_color)
     fast = plan.fast
-    if update.HasField("fast_strength"):
+    if update.fast_strength is not None:
         if fast is None:
             raise InvalidArgument("fast_strength: this session was not started with `fast`")
-        fast = dataclasses.replace(
-            fast, strength=_strength(update.fast_strength, "update.fast_strength")
-        )
+        fast = dataclasses.replace(fast, strength=update.fast_strength)
     if fast is not None:
         _check_fast(fast, sources, regions)
     universal = plan.universal
-    if update.HasField("universal_strength"):
+    if update.universal_strength is not None:
         if universal is None:
             raise InvalidArgument(
                 "universal_strength: this session was not started with `universal`"
             )
-        universal = dataclasses.replace(
-            universal, strength=_strength(update.universal_strength, "update.universal_strength")
-        )
+        universal = dataclasses.replace(universal, strength=update.universal_strength)
     if universal is not None:
         _check_universal(sources)
     updated = dataclasses.replace(
@@ -612,13 +712,7 @@ def apply_update(
         universal=universal,
         sources=tuple(sources),
         regions=regions,
-        content_loss_weight=_optional(
-            update, "content_loss_weight", plan.content_loss_weight, prefix="update."
-        ),
-        style_loss_weight=_optional(
-            update, "style_loss_weight", plan.style_loss_weight, prefix="update."
-        ),
-        tv_loss_weight=_optional(update, "tv_loss_weight", plan.tv_loss_weight, prefix="update."),
+        **update.loss_weights,  # type: ignore[arg-type]
     )
     check_extractions(updated, config)  # a source that starts to bring style may be too thin
     return updated

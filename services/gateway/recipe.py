@@ -12,7 +12,6 @@ from collections.abc import Sequence
 from google.protobuf.json_format import MessageToDict
 from styleblend.v1 import styleblend_pb2
 
-from services.common import images
 from services.common.manifest import Manifest
 from services.gateway.plan import (
     INITS,
@@ -20,6 +19,8 @@ from services.gateway.plan import (
     PRESERVE_COLORS,
     Plan,
     PlannedImage,
+    PlannedRegion,
+    Update,
     proto_value,
 )
 
@@ -28,6 +29,12 @@ RECIPE_KEY = "styleblend:recipe"  # the PNG text chunk's keyword
 
 def _map(image: PlannedImage | None) -> styleblend_pb2.InfluenceMap | None:
     return None if image is None else styleblend_pb2.InfluenceMap(upload_id=image.sha256)
+
+
+def _regions(regions: Sequence[PlannedRegion]) -> list[styleblend_pb2.Region]:
+    return [
+        styleblend_pb2.Region(mask=_map(r.mask), style_weights=r.style_weights) for r in regions
+    ]
 
 
 def resolved_request(plan: Plan) -> styleblend_pb2.BlendRequest:
@@ -43,10 +50,7 @@ def resolved_request(plan: Plan) -> styleblend_pb2.BlendRequest:
             )
             for s in plan.sources
         ],
-        regions=[
-            styleblend_pb2.Region(mask=_map(r.mask), style_weights=r.style_weights)
-            for r in plan.regions
-        ],
+        regions=_regions(plan.regions),
         max_side_px=max(plan.canvas.width, plan.canvas.height),
         scales=len(plan.scales),
         iterations_per_scale=[scale.iterations for scale in plan.scales],
@@ -77,23 +81,37 @@ def resolved_request(plan: Plan) -> styleblend_pb2.BlendRequest:
     )
 
 
-def by_reference(update: styleblend_pb2.SessionUpdate) -> styleblend_pb2.SessionUpdate:
-    """The update with every map's bytes replaced by their sha256 as an upload id."""
-    copy = styleblend_pb2.SessionUpdate()
-    copy.CopyFrom(update)
-    maps = [m for s in copy.sources for m in (s.style_map, s.content_map)]
-    maps += [r.mask for r in copy.regions.regions]
-    for image in maps:
-        if image.WhichOneof("image") == "data":
-            image.upload_id = images.sha256(image.data)
-    return copy
+def update_request(update: Update) -> styleblend_pb2.SessionUpdate:
+    """The message that makes this update again, every map named by its sha256."""
+    changes = []
+    for change in update.sources:
+        message = styleblend_pb2.SourceUpdate(index=change.index)
+        for name, value in change.changes.items():
+            if isinstance(value, PlannedImage):
+                getattr(message, name).CopyFrom(_map(value))
+            elif value is None:
+                setattr(message, f"clear_{name}", True)
+            else:
+                setattr(message, name, value)
+        changes.append(message)
+    return styleblend_pb2.SessionUpdate(
+        update_id=update.update_id,
+        at_iteration=update.at_iteration,
+        sources=changes,
+        regions=styleblend_pb2.Regions(regions=_regions(update.regions))
+        if update.regions is not None
+        else None,
+        fast_strength=update.fast_strength,
+        universal_strength=update.universal_strength,
+        **update.loss_weights,
+    )
 
 
 def recipe_json(
     plan: Plan,
     first: Plan,
     manifest: Manifest,
-    updates: Sequence[tuple[int, styleblend_pb2.SessionUpdate]],
+    updates: Sequence[tuple[int, Update]],
 ) -> str:
     """`first` is the plan the run started with; `updates` are (iteration, update) as applied."""
     recipe = {
@@ -104,7 +122,7 @@ def recipe_json(
         "init_image_sha256": first.init_image.sha256 if first.init_image else None,
         "updates": [
             {
-                **MessageToDict(by_reference(update), preserving_proto_field_name=True),
+                **MessageToDict(update_request(update), preserving_proto_field_name=True),
                 "at_iteration": iteration,
             }
             for iteration, update in updates
@@ -123,9 +141,7 @@ class Applied:
         if update_id and (not self._points or self._points[-1] != (update_id, iteration)):
             self._points.append((update_id, iteration))
 
-    def history(
-        self, received: dict[int, styleblend_pb2.SessionUpdate]
-    ) -> list[tuple[int, styleblend_pb2.SessionUpdate]]:
+    def history(self, received: dict[int, Update]) -> list[tuple[int, Update]]:
         """(iteration, update) for every update in effect by the end, in arrival order.
 
         `received`: the updates taken, by id, in arrival order. An applied update carries the

@@ -25,14 +25,15 @@ from services.common.config import GatewayConfig
 from services.common.errors import FailedPrecondition, StyleBlendError, Unavailable
 from services.common.manifest import Manifest
 from services.common.updates import coalesced
-from services.gateway.plan import Plan, Uploads, apply_update
+from services.gateway.plan import Plan, Update, apply_update
 from services.gateway.recipe import RECIPE_KEY, Applied, recipe_json
 from services.gateway.targets import ReconstructStream, Targets, Upstreams
 
 log = logging.getLogger(__name__)
 
 _END = object()
-_FINISH = styleblend_pb2.SessionUpdate()  # queued behind the updates: the one-pass path's finish
+_FINISH = Update(update_id=0)  # queued behind the updates: the one-pass path's finish
+_WAKE = Update(update_id=0)  # wakes the worker to end
 SHUTTING_DOWN = "the gateway is shutting down"
 # Of the grace period, what a run that cannot finish in time leaves before it says so: the
 # server cancels calls still open at its end, and a cancelled call tells the client nothing.
@@ -48,20 +49,18 @@ class BlendRun:
         manifest: Manifest,
         upstreams: Upstreams,
         config: GatewayConfig,
-        uploads: Uploads,
     ) -> None:
         self.first = self.plan = plan
         self.manifest = manifest
         self.upstreams = upstreams
         self.config = config
-        self.uploads = uploads
         self.targets = Targets(upstreams, manifest)
         self._outbox: queue.Queue[object] = queue.Queue()
         self._controls: queue.Queue[object] = queue.Queue()
-        self._work: queue.Queue[styleblend_pb2.SessionUpdate] = queue.Queue()
+        self._work: queue.Queue[Update] = queue.Queue()
         # The updates taken, in arrival order, and the plan each made; one whose targets cannot
         # be made leaves both again (`_refuse`), as a refused update leaves no trace.
-        self._received: dict[int, styleblend_pb2.SessionUpdate] = {}
+        self._received: dict[int, Update] = {}
         self._plans: dict[int, Plan] = {}
         self._plans_lock = threading.Lock()
         self._applied = Applied()  # where each update took effect, for the recipe
@@ -86,15 +85,16 @@ class BlendRun:
                 yield self._annotated(item)
         finally:
             self._cancelled.set()
-            self._work.put(styleblend_pb2.SessionUpdate())  # wakes the worker to end
+            self._work.put(_WAKE)
             self._controls.put(_END)
             with self._lock:
                 stream = self._stream
             if stream is not None:
                 stream.cancel()
 
-    def update(self, update: styleblend_pb2.SessionUpdate) -> None:
-        """Check an update now; refuse it in-band if it is bad, else queue its targets."""
+    def update(self, update: Update) -> None:
+        """Check a parsed update against the session now; refuse it in-band if it does not
+        hold, else queue its targets."""
         try:
             if self._shutting_down.is_set():
                 raise FailedPrecondition(f"{SHUTTING_DOWN}; updates are no longer taken")
@@ -105,7 +105,7 @@ class BlendRun:
                     raise FailedPrecondition(
                         f"update_id {update.update_id}: each update needs its own id > 0"
                     )
-                plan = apply_update(self.plan, update, self.config, self.uploads)
+                plan = apply_update(self.plan, update, self.config)
                 self.plan = plan  # the next update applies on top of this one
                 self._received[update.update_id] = update
                 self._plans[update.update_id] = plan
@@ -121,6 +121,10 @@ class BlendRun:
 
     def reject_start(self) -> None:
         self._reject(0, FailedPrecondition("the session has started; `start` only goes first"))
+
+    def reject(self, update_id: int, error: StyleBlendError) -> None:
+        """An update that did not parse: refused in-band, and the session goes on."""
+        self._reject(update_id, error)
 
     def finish(self) -> None:
         self._finishing.set()
@@ -235,7 +239,7 @@ class BlendRun:
                 self._outbox.put(_END)
                 return
 
-    def _apply(self, update: styleblend_pb2.SessionUpdate) -> bool:
+    def _apply(self, update: Update) -> bool:
         """Send a taken update's one-pass image and targets; False if it was refused."""
         if (plan := self._plan_of(update)) is not None and plan.instant is not None:
             self._send_instant_preview(update, plan)
@@ -243,13 +247,13 @@ class BlendRun:
             self._send_update(update, plan)
         return self._plan_of(update) is not None
 
-    def _plan_of(self, update: styleblend_pb2.SessionUpdate) -> Plan | None:
+    def _plan_of(self, update: Update) -> Plan | None:
         """The plan a taken update makes as it stands now (a refusal before it may have made it
         again); None for one refused since it was queued, and for the worker's own signals."""
         with self._plans_lock:
             return self._plans.get(update.update_id) if update.update_id else None
 
-    def _refuse(self, update: styleblend_pb2.SessionUpdate, error: StyleBlendError) -> None:
+    def _refuse(self, update: Update, error: StyleBlendError) -> None:
         """The targets for a taken update cannot be made (an upstream failed, say): refuse it and
         go on as if it had never come. The updates after it were planned on top of it, so they
         are planned again without it, and one that no longer holds is refused too."""
@@ -263,7 +267,7 @@ class BlendRun:
             for later in arrived[at + 1 :]:
                 try:
                     plan = self._plans[later] = apply_update(
-                        plan, self._received[later], self.config, self.uploads
+                        plan, self._received[later], self.config
                     )
                 except StyleBlendError as again:
                     refused.append((self._received[later], again))
@@ -284,7 +288,7 @@ class BlendRun:
             return
         self._work_on_updates()
 
-    def _send_instant_preview(self, update: styleblend_pb2.SessionUpdate, plan: Plan) -> None:
+    def _send_instant_preview(self, update: Update, plan: Plan) -> None:
         try:
             self._instant_image = self.targets.instant(plan)
         except StyleBlendError as error:
@@ -314,7 +318,7 @@ class BlendRun:
         )
         return styleblend_pb2.BlendEvent(result=result)
 
-    def _send_update(self, update: styleblend_pb2.SessionUpdate, plan: Plan) -> None:
+    def _send_update(self, update: Update, plan: Plan) -> None:
         try:
             scales = self.targets.scales(plan)
         except StyleBlendError as error:  # e.g. a service down for a moment

@@ -1,4 +1,5 @@
-"""The public StyleBlend service over gRPC: decode, call the gateway core, encode."""
+"""The public StyleBlend service over gRPC: parse each request into the gateway's own types
+(plan.py), call the gateway core, encode."""
 
 from __future__ import annotations
 
@@ -12,11 +13,12 @@ from styleblend.v1 import styleblend_pb2, styleblend_pb2_grpc
 
 from services.common import logs
 from services.common.config import GatewayConfig
-from services.common.errors import DeadlineExceeded, InvalidArgument
+from services.common.errors import DeadlineExceeded, InvalidArgument, StyleBlendError
 from services.common.metrics import ServiceMetrics
 from services.common.security import SessionSlots, client_identity
 from services.common.server import Servicer
 from services.gateway.core import Gateway
+from services.gateway.plan import Update
 from services.gateway.run import BlendRun, Upstreams
 
 log = logging.getLogger(__name__)
@@ -51,7 +53,7 @@ class StyleBlendServicer(styleblend_pb2_grpc.StyleBlendServicer):
     ) -> Iterator[styleblend_pb2.BlendResponse]:
         session_id, release = self._open(context)
         try:
-            run = self.gateway.start(request, self._upstreams(session_id))
+            run = self.gateway.start(self.gateway.plan(request), self._upstreams(session_id))
             context.add_callback(run.cancel)
             for event in run.events():
                 yield styleblend_pb2.BlendResponse(event=event)
@@ -73,10 +75,13 @@ class StyleBlendServicer(styleblend_pb2_grpc.StyleBlendServicer):
                 return
             if first is None or not first.HasField("start"):
                 raise InvalidArgument("the first message of a session must carry `start`")
-            run = self.gateway.start(first.start, self._upstreams(session_id))
+            run = self.gateway.start(self.gateway.plan(first.start), self._upstreams(session_id))
             context.add_callback(run.cancel)
             threading.Thread(
-                target=follow, args=(request_iterator, run), daemon=True, name="session-follow"
+                target=follow,
+                args=(request_iterator, run, self.gateway.parse_update),
+                daemon=True,
+                name="session-follow",
             ).start()
             for event in run.events(session=True):
                 yield styleblend_pb2.SessionResponse(event=event)
@@ -144,14 +149,23 @@ def first_request(
     return first
 
 
-def follow(request_iterator: Iterator[styleblend_pb2.SessionRequest], run: BlendRun) -> None:
-    """Apply a session's later messages to its run."""
+def follow(
+    request_iterator: Iterator[styleblend_pb2.SessionRequest],
+    run: BlendRun,
+    parse: Callable[[styleblend_pb2.SessionUpdate], Update],
+) -> None:
+    """Apply a session's later messages to its run, each update parsed first."""
     try:
         for request in request_iterator:
             if request.HasField("finish"):
                 run.finish()
             elif request.HasField("update"):
-                run.update(request.update)
+                try:
+                    update = parse(request.update)
+                except StyleBlendError as error:
+                    run.reject(request.update.update_id, error)
+                else:
+                    run.update(update)
             elif request.HasField("start"):
                 run.reject_start()
     except (grpc.RpcError, InvalidArgument):  # gone, or sent bytes that do not parse

@@ -22,7 +22,7 @@ from services.common.config import GatewayConfig
 from services.common.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from services.common.fastmodel import FastManifest
 from services.common.manifest import MANIFEST_FILE, Manifest
-from services.gateway.plan import MIN_SIDE_PX, apply_update, plan_blend
+from services.gateway.plan import MIN_SIDE_PX, apply_update, parse_update, plan_blend
 from tests.conftest import sample
 from tests.reliability import fuzz
 from tests.reliability.report import Report
@@ -203,7 +203,8 @@ def check_update(planning: Planning, update: pb.SessionUpdate, outcomes: Counter
     )
     plan = planning.plan(start)
     try:
-        updated = apply_update(plan, update, planning.config, planning.uploaded.get)
+        parsed = parse_update(update, planning.config, planning.uploaded.get)
+        updated = apply_update(plan, parsed, planning.config)
     except PLAN_REFUSED as error:
         assert str(error).startswith(
             ("update.", "regions", "every ", "fast_strength", "universal_strength", "preserve")

@@ -24,6 +24,7 @@ from services.gateway.plan import (
     MIN_NONZERO_WEIGHT,
     Plan,
     apply_update,
+    parse_update,
     plan_blend,
 )
 from tests.conftest import Graph, sample
@@ -63,6 +64,11 @@ def plan(message: pb.BlendRequest, manifest: Manifest, config: GatewayConfig = C
     return plan_blend(message, manifest, config, no_uploads)
 
 
+def applied(planned: Plan, update: pb.SessionUpdate) -> Plan:
+    """The update as a session takes it: parsed at the servicer, applied by the run."""
+    return apply_update(planned, parse_update(update, CONFIG, no_uploads), CONFIG)
+
+
 # --- slivers ---------------------------------------------------------------------------------
 def test_a_sliver_style_image_is_refused_naming_it(manifest: Manifest) -> None:
     """2500×1 (92 bytes) would have been extracted at 80000×32: 25–32 s and gigabytes."""
@@ -96,11 +102,11 @@ def test_a_sliver_that_brings_no_style_costs_nothing_until_it_does(manifest: Man
     planned = plan(message, manifest)
     update = pb.SessionUpdate(sources=[pb.SourceUpdate(index=2, style_weight=0.3)])
     with pytest.raises(InvalidArgument, match=r"sources\[2\]: its 1×3000 style image"):
-        apply_update(planned, update, CONFIG, no_uploads)
+        applied(planned, update)
     region = pb.Region(mask=pb.InfluenceMap(data=png(64, 64)), style_weights=[0, 1, 0.5])
     regions = pb.SessionUpdate(regions=pb.Regions(regions=[region]))
     with pytest.raises(InvalidArgument, match=r"sources\[2\]: its 1×3000 style image"):
-        apply_update(planned, regions, CONFIG, no_uploads)
+        applied(planned, regions)
 
 
 def test_a_sliver_that_sets_the_canvas_is_named(manifest: Manifest) -> None:
@@ -223,11 +229,11 @@ def test_a_session_update_is_held_to_the_same_bounds(
     planned = plan(request(), manifest)
     for value in HUGE:
         with pytest.raises(InvalidArgument) as caught:
-            apply_update(planned, update_with(where, name, value), CONFIG, no_uploads)
+            applied(planned, update_with(where, name, value))
         assert str(caught.value) == f"{field} {value:g} is over the largest allowed, 1e+06"
     with pytest.raises(InvalidArgument, match="is too small to count"):
-        apply_update(planned, update_with(where, name, 1e-300), CONFIG, no_uploads)
-    updated = apply_update(planned, update_with(where, name, MAX_WEIGHT), CONFIG, no_uploads)
+        applied(planned, update_with(where, name, 1e-300))
+    updated = applied(planned, update_with(where, name, MAX_WEIGHT))
     assert updated != planned
 
 
