@@ -6,7 +6,8 @@ updates and errors also land; a worker turns accepted updates into new targets. 
 checked on arrival, so a bad one is refused in-band and the run goes on; one whose targets then
 cannot be made is refused too, and the session goes on as if it had never come. Because the caller
 only waits on the outbox, a cancel or a server shutting down reaches it at once, even while
-an upstream call is still out. What to ask the services for a plan is targets.py's.
+an upstream call is still out. What to ask the services for a plan is targets.py's, the one-pass
+image and its events instant.py's.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from services.common.config import GatewayConfig
 from services.common.errors import FailedPrecondition, StyleBlendError, Unavailable
 from services.common.manifest import Manifest
 from services.common.updates import coalesced
+from services.gateway.instant import InstantImage
 from services.gateway.plan import Plan, Update, apply_update
 from services.gateway.recipe import RECIPE_KEY, Applied, recipe_json
 from services.gateway.targets import ReconstructStream, Targets, Upstreams
@@ -70,7 +72,7 @@ class BlendRun:
         self._finishing = threading.Event()
         self._shutting_down = threading.Event()
         self._session = False
-        self._instant_image = b""  # the one-pass method's latest image
+        self._instant = InstantImage(self.targets)
 
     # --- the caller's side -------------------------------------------------------------------
     def events(self, session: bool = False) -> Iterator[styleblend_pb2.BlendEvent]:
@@ -189,10 +191,14 @@ class BlendRun:
         # and each update comes through `_work_on_updates` in its turn.
         first, init_image = self.first, b""
         if first.instant is not None:
-            self._instant_image = init_image = self.targets.instant(first)
-            self._outbox.put(self._instant_preview(0))
-            if first.instant_only:
-                self._instant_only(self._session)
+            init_image = self._instant.make(first)
+            self._outbox.put(self._instant.preview(first, 0))
+            if first.instant_only and not self._session:  # a Blend ends with it
+                self._outbox.put(self._instant.result(first))
+                self._outbox.put(_END)
+                return
+            if first.instant_only:  # a Session on `finish`
+                self._work_on_updates()
                 return
         job = self.targets.job(first, self.targets.scales(first), init_image)
         with self._lock:
@@ -235,7 +241,7 @@ class BlendRun:
                         if self._apply(candidate):
                             break
             if any(update is _FINISH for update in batch) and self.plan.instant_only:
-                self._outbox.put(self._instant_result())
+                self._outbox.put(self._instant.result(self.plan))
                 self._outbox.put(_END)
                 return
 
@@ -280,43 +286,15 @@ class BlendRun:
                 self._controls.put(reconstruction_pb2.ReconstructRequest(hold=release))
             self._reject(gone.update_id, reason)
 
-    def _instant_only(self, session: bool) -> None:
-        """No reconstruction: a Blend ends with the one-pass image, a Session on finish."""
-        if not session:
-            self._outbox.put(self._instant_result())
-            self._outbox.put(_END)
-            return
-        self._work_on_updates()
-
     def _send_instant_preview(self, update: Update, plan: Plan) -> None:
         try:
-            self._instant_image = self.targets.instant(plan)
+            self._instant.make(plan)
         except StyleBlendError as error:
             self._refuse(update, error)
             return
         if self.plan.instant_only:
             self._applied.record(update.update_id, 0)
-        self._outbox.put(self._instant_preview(update.update_id))
-
-    def _instant_preview(self, update_id: int) -> styleblend_pb2.BlendEvent:
-        canvas = self.plan.canvas
-        preview = styleblend_pb2.Preview(
-            iteration=0,
-            image=self._instant_image,
-            width_px=canvas.width,
-            height_px=canvas.height,
-            fast=self.plan.fast is not None,
-            universal=self.plan.universal is not None,
-            update_id=update_id,
-        )
-        return styleblend_pb2.BlendEvent(preview=preview)
-
-    def _instant_result(self) -> styleblend_pb2.BlendEvent:
-        canvas = self.plan.canvas
-        result = styleblend_pb2.Result(
-            image=self._instant_image, width_px=canvas.width, height_px=canvas.height
-        )
-        return styleblend_pb2.BlendEvent(result=result)
+        self._outbox.put(self._instant.preview(self.plan, update.update_id))
 
     def _send_update(self, update: Update, plan: Plan) -> None:
         try:
