@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 PROTOS := $(shell find protos -name '*.proto')
 SAMPLES := clients/samples
 
-.PHONY: install protos models fast-model fast-model-long demo demo-fast bench-fast bench bench-large-picture up test test-slow reliability lint typecheck chromium clean
+.PHONY: redis install protos models fast-model fast-model-long demo demo-fast bench-fast bench bench-large-picture up test test-slow reliability lint typecheck chromium clean
 
 # --- setup -------------------------------------------------------------------------------
 $(VENV)/.tools:
@@ -172,7 +172,12 @@ chromium:
 	test -x /usr/bin/chromium || (apt-get update -q && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium)
 
-test: lint typecheck chromium
+# Debian's Redis for the shared store's tests (they start their own server on loopback).
+redis:
+	test -x /usr/bin/redis-server || (apt-get update -q && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q redis-server)
+
+test: lint typecheck chromium redis
 	$(BIN)/pytest
 
 test-slow: install

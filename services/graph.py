@@ -31,6 +31,7 @@ from services.common.manifest import MANIFEST_FILE
 from services.common.metrics import ServiceMetrics
 from services.common.security import is_loopback, loopback_address
 from services.common.server import PortInUse, RunningServer, Servicer, Tls, start_server
+from services.common.store import Stores
 from services.common.universalmodel import UNIVERSAL_MANIFEST_FILE
 from services.gateway.core import Gateway
 from services.gateway.servicer import server_threads, style_blend_servicer
@@ -65,6 +66,7 @@ def build_features(config: FeaturesConfig, metrics: ServiceMetrics | None = None
     tensorrt = TensorRTSettings(
         config.trt_fp16, config.trt_engine_cache_dir, config.trt_profile_sides
     )
+    stores = Stores(config.store, config.store_ttl_s)
     extractor = FeatureExtractor(
         model_folder(config),
         config.providers,
@@ -74,6 +76,7 @@ def build_features(config: FeaturesConfig, metrics: ServiceMetrics | None = None
         max_side_px=config.max_extract_side_px,
         max_pixels=config.max_extract_pixels,
         cpu_arena=config.cpu_arena,
+        stores=stores,
     )
     fast = FastModels(
         config.fast_model_dir,
@@ -96,7 +99,9 @@ def build_features(config: FeaturesConfig, metrics: ServiceMetrics | None = None
             max_pixels=config.max_extract_pixels,
         )
     holder = config.advertise_address or ""
-    return features_servicer(extractor, fast, metrics, config.image_store_bytes, holder, universal)
+    return features_servicer(
+        extractor, fast, metrics, config.image_store_bytes, holder, universal, stores
+    )
 
 
 def build_blending(config: BlendingConfig) -> Servicer:
@@ -109,6 +114,7 @@ def build_blending(config: BlendingConfig) -> Servicer:
         config.target_store_bytes,
         config.source_cache_bytes,
         config.advertise_address or "",
+        Stores(config.store, config.store_ttl_s),
     )
 
 

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import secrets
+import shutil
+import socket
+import subprocess
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -183,6 +188,46 @@ def start_gateway(upstreams: dict[str, str], **limits: int) -> tuple[RunningServ
     ).model_copy(update=limits)
     metrics = ServiceMetrics("gateway")
     return serve(build_gateway(config, metrics), config.max_request_bytes, metrics), config
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real Redis on loopback, as a cluster's would be set up: no persistence, a memory limit
+    with allkeys-lru. `make test` installs Debian's redis-server; CI must have it."""
+    server = shutil.which("redis-server")
+    if server is None:
+        if os.environ.get("CI"):
+            pytest.fail("redis-server is missing: `make redis` installs it")
+        pytest.skip("no redis-server (`make redis` installs Debian's)")
+    port = free_port()
+    folder = tmp_path_factory.mktemp("redis")
+    process = subprocess.Popen(
+        [server, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no",
+         "--maxmemory", "512mb", "--maxmemory-policy", "allkeys-lru", "--dir", str(folder)],
+        stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+    import redis
+
+    client = redis.Redis(port=port)
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            client.ping()
+            break
+        except redis.ConnectionError:
+            if time.monotonic() > deadline or process.poll() is not None:
+                process.kill()
+                pytest.fail(f"redis-server on port {port} did not start")
+            time.sleep(0.05)
+    yield f"redis://127.0.0.1:{port}/0"
+    process.terminate()
+    process.wait(timeout=10)
 
 
 @pytest.fixture(scope="session")

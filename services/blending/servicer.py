@@ -21,7 +21,7 @@ from services.common import images, wire
 from services.common.config import IMAGE_STORE_BYTES, SOURCE_CACHE_BYTES, TARGET_STORE_BYTES
 from services.common.errors import FailedPrecondition, NotHeld, ResourceExhausted
 from services.common.server import Servicer
-from services.common.store import ImageStore, Store
+from services.common.store import MEMORY, ImageStore, Store, Stores
 from services.common.stylemix import Region
 
 
@@ -66,10 +66,11 @@ class BlendingServicer(blending_pb2_grpc.BlendingServiceServicer):
         target_store_bytes: int = TARGET_STORE_BYTES,
         source_cache_bytes: int = SOURCE_CACHE_BYTES,
         holder: str = "",
+        stores: Stores = MEMORY,
     ) -> None:
         self.features = features
         self.holder = holder  # where reconstruction fetches what this replica keeps
-        self.images = ImageStore(image_store_bytes, "blending")
+        self.images = ImageStore(image_store_bytes, "blending", stores)
         self.targets: Store[blending_pb2.FetchTargetsResponse] = Store(
             target_store_bytes, lambda message: message.ByteSize()
         )
@@ -204,11 +205,12 @@ def blending_servicer(
     target_store_bytes: int = TARGET_STORE_BYTES,
     source_cache_bytes: int = SOURCE_CACHE_BYTES,
     holder: str = "",
+    stores: Stores = MEMORY,
 ) -> Servicer:
     return Servicer(
         blending_pb2.DESCRIPTOR.services_by_name["BlendingService"].full_name,
         BlendingServicer(
-            features, image_store_bytes, target_store_bytes, source_cache_bytes, holder
+            features, image_store_bytes, target_store_bytes, source_cache_bytes, holder, stores
         ),
         blending_pb2_grpc.add_BlendingServiceServicer_to_server,
     )

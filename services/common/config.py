@@ -63,6 +63,14 @@ class ServiceConfig(BaseSettings):
         "`styleblend up` makes a new one each start",
     )
     upstream_timeout_s: float = Field(30.0, gt=0, description="deadline of one upstream call")
+    # What features, blending and the gateway keep (uploads, images sent, feature tensors):
+    # in this process, or in a Redis every replica shares (services/common/store.py).
+    store: str = Field(
+        "memory", description="memory, or redis://HOST:PORT/DB: a store every replica shares"
+    )
+    store_ttl_s: float = Field(
+        3600.0, gt=0, description="with a shared store: seconds a value lives after its last use"
+    )
     # Replicas of features and blending keep what they made; callers fetch it from the one
     # that holds it. Unset: callers use the address they are configured with (one replica).
     advertise_address: str | None = Field(
@@ -74,6 +82,16 @@ class ServiceConfig(BaseSettings):
     upstream_ca_file: Path | None = Field(None, description="CA that signs the services' certs")
     upstream_cert_file: Path | None = Field(None, description="client certificate chain (PEM)")
     upstream_key_file: Path | None = Field(None, description="client private key (PEM)")
+
+    @field_validator("store")
+    @classmethod
+    def _store_url(cls, value: str) -> str:
+        if value != "memory" and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(
+                f"store: {value!r} is neither `memory` nor a Redis URL "
+                "(redis://HOST:PORT/DB, rediss:// with TLS, unix:///path.sock)"
+            )
+        return value
 
     @model_validator(mode="after")
     def _upstream_pair(self) -> ServiceConfig:

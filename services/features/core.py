@@ -30,7 +30,7 @@ from services.common.providers import (
     choose_providers,
     session_providers,
 )
-from services.common.store import content_key
+from services.common.store import ARRAYS, MEMORY, Held, Stores, content_key
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +102,7 @@ class FeatureExtractor:
         max_side_px: int = EXTRACT_SIDE_PX,
         max_pixels: int = EXTRACT_PIXELS,
         cpu_arena: CpuArena = "off",
+        stores: Stores = MEMORY,
     ) -> None:
         self.manifest = Manifest.load(model_dir)
         self.max_side_px, self.max_pixels = max_side_px, max_pixels
@@ -133,9 +134,10 @@ class FeatureExtractor:
         log.info("model %s on ONNX Runtime, providers %s", self.manifest.model, self.providers)
         self.forward_passes = 0  # runs of the model, for tests and the benchmark
         # content_key(model, weights, image sha256, width, height, colour transform, "gram" |
-        # "features", layer) -> array: the key is also the tensor's name for `tensors`
-        self._cache: LRUCache[str, np.ndarray] = LRUCache(
-            maxsize=cache_bytes, getsizeof=lambda array: array.nbytes
+        # "features", layer) -> array: the key is also the tensor's name for `tensors`. With a
+        # shared store, what one replica extracted is found by every other.
+        self._cache: Held[np.ndarray] = stores.make(
+            "tensors", cache_bytes, lambda array: array.nbytes, ARRAYS
         )
         self._lock = threading.Lock()
 
@@ -154,11 +156,11 @@ class FeatureExtractor:
 
     @property
     def cache_bytes(self) -> int:
-        return int(self._cache.currsize)
+        return self._cache.nbytes
 
     @property
     def cache_budget_bytes(self) -> int:
-        return int(self._cache.maxsize)
+        return self._cache.budget_bytes
 
     def check_layers(self, layers: Sequence[str], field: str) -> None:
         known = self.manifest.layer_names
@@ -217,9 +219,11 @@ class FeatureExtractor:
                     if color == "luminance"
                     else colour.match_colour(pixels, reference)
                 )
-            found.update(self._run(pixels, {tensor: keys[tensor] for tensor in missing}))
-        with self._lock:
-            kept = all(key in self._cache for key in keys.values())
+            ran, kept_all = self._run(pixels, {tensor: keys[tensor] for tensor in missing})
+            found.update(ran)
+        # What was found is kept; what was made is kept if it fit. One found may go (LRU) before
+        # blending fetches it: then blending's fetch says so and the gateway extracts again.
+        kept = not missing or kept_all
         return Extraction(
             grams={name: found[("gram", name)] for name in gram_layers},
             features={name: found[("features", name)] for name in feature_layers},
@@ -231,13 +235,11 @@ class FeatureExtractor:
 
     def clear_cache(self) -> None:
         """Drop every kept tensor, as a restarted service holds none."""
-        with self._lock:
-            self._cache.clear()
+        self._cache.clear()
 
     def tensors(self, keys: Sequence[str]) -> dict[str, np.ndarray]:
         """The tensors an extraction named by these keys; NotHeld for one evicted since."""
-        with self._lock:
-            found = {key: self._cache[key] for key in keys if key in self._cache}
+        found = self._cache.get_many(keys)
         gone = [key for key in keys if key not in found]
         if gone:
             raise NotHeld(
@@ -248,12 +250,13 @@ class FeatureExtractor:
         return found
 
     def _lookup(self, keys: dict[tuple[str, str], str]) -> dict[tuple[str, str], np.ndarray]:
-        with self._lock:
-            return {tensor: self._cache[key] for tensor, key in keys.items() if key in self._cache}
+        found = self._cache.get_many(keys.values())
+        return {tensor: found[key] for tensor, key in keys.items() if key in found}
 
     def _run(
         self, pixels: np.ndarray, keys: dict[tuple[str, str], str]
-    ) -> dict[tuple[str, str], np.ndarray]:
+    ) -> tuple[dict[tuple[str, str], np.ndarray], bool]:
+        """The tensors, and whether all of them were kept."""
         wanted = list(keys)
         batch = np.ascontiguousarray(pixels.transpose(2, 0, 1)[None])
         layers = sorted({name for _, name in wanted})
@@ -274,7 +277,5 @@ class FeatureExtractor:
             malloc_trim()
         with self._lock:
             self.forward_passes += 1
-            for tensor, array in results.items():
-                if array.nbytes <= self._cache.maxsize:
-                    self._cache[keys[tensor]] = array
-        return results
+        kept = [self._cache.put(keys[tensor], array) for tensor, array in results.items()]
+        return results, all(kept)

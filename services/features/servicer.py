@@ -15,7 +15,7 @@ from services.common.errors import FailedPrecondition, InvalidArgument, Resource
 from services.common.faststyliser import FastStyliser
 from services.common.metrics import ServiceMetrics
 from services.common.server import Servicer
-from services.common.store import ImageStore
+from services.common.store import MEMORY, ImageStore, Stores
 from services.common.stylemix import Region, StyleSource
 from services.features.core import FeatureExtractor
 from services.features.fast import FastModels
@@ -44,12 +44,13 @@ class FeaturesServicer(features_pb2_grpc.FeaturesServiceServicer):
         image_store_bytes: int = IMAGE_STORE_BYTES,
         holder: str = "",
         universal: UniversalStyliser | None = None,
+        stores: Stores = MEMORY,
     ) -> None:
         self.extractor = extractor
         self.universal = universal
         self.holder = holder  # where blending fetches what this replica keeps; "": anywhere
         self.fast = fast
-        self.images = ImageStore(image_store_bytes, "features")
+        self.images = ImageStore(image_store_bytes, "features", stores)
         metrics = metrics or ServiceMetrics("features")
         self.cache_lookups = metrics.counter(
             "styleblend_features_cache_lookups",
@@ -262,9 +263,10 @@ def features_servicer(
     image_store_bytes: int = IMAGE_STORE_BYTES,
     holder: str = "",
     universal: UniversalStyliser | None = None,
+    stores: Stores = MEMORY,
 ) -> Servicer:
     return Servicer(
         features_pb2.DESCRIPTOR.services_by_name["FeaturesService"].full_name,
-        FeaturesServicer(extractor, fast, metrics, image_store_bytes, holder, universal),
+        FeaturesServicer(extractor, fast, metrics, image_store_bytes, holder, universal, stores),
         features_pb2_grpc.add_FeaturesServiceServicer_to_server,
     )

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import threading
-from collections import Counter, OrderedDict
 from dataclasses import dataclass
 
 from styleblend.v1 import styleblend_pb2
 
 from services.common import images
 from services.common.config import GatewayConfig
-from services.common.errors import ResourceExhausted
 from services.common.fastmodel import FastManifest
 from services.common.manifest import Manifest
 from services.common.universalmodel import UniversalManifest
@@ -24,6 +21,7 @@ from services.gateway.plan import (
     request_defaults,
 )
 from services.gateway.run import BlendRun, Runs, Upstreams
+from services.gateway.uploads import UploadStore, upload_bytes
 
 VERSION = "0.1.0"
 
@@ -42,84 +40,6 @@ class Upload:
     header: images.ImageHeader
 
 
-class UploadStore:
-    """Uploaded images by sha256, within a memory budget, each charged to the clients that
-    uploaded it, each client within its quota.
-
-    A client over its quota makes room by dropping its own oldest uploads, never another's; an
-    image larger than the quota is refused (RESOURCE_EXHAUSTED) and nothing changes. When the
-    store as a whole is full, room comes from the client holding the most bytes (its oldest
-    first): a client within its fair share keeps its uploads while others hold more.
-    """
-
-    def __init__(self, budget_bytes: int, per_client_bytes: int) -> None:
-        self.budget_bytes = budget_bytes
-        self.quota_bytes = min(per_client_bytes, budget_bytes)
-        self._images: OrderedDict[str, bytes] = OrderedDict()  # least recently used first
-        self._owners: dict[str, set[str]] = {}
-        self._used: Counter[str] = Counter()  # bytes charged to each client
-        self._held = 0  # bytes held, each image once
-        self._lock = threading.Lock()
-
-    @property
-    def held_bytes(self) -> int:
-        with self._lock:
-            return self._held
-
-    def used_by(self, client: str) -> int:
-        with self._lock:
-            return self._used[client]
-
-    def check(self, size: int) -> None:
-        if size > self.quota_bytes:
-            raise ResourceExhausted(
-                f"the uploaded image: {size:,} bytes is over the upload quota of "
-                f"{self.quota_bytes:,} bytes a client (STYLEBLEND_UPLOAD_BYTES_PER_CLIENT)"
-            )
-
-    def put(self, digest: str, data: bytes, client: str) -> None:
-        size = len(data)
-        self.check(size)
-        with self._lock:
-            owners = self._owners.get(digest)
-            if owners is not None and client in owners:
-                self._images.move_to_end(digest)
-                return
-            while self._used[client] + size > self.quota_bytes:
-                self._release(self._oldest_of(client, digest), client)
-            if owners is None:
-                while self._held + size > self.budget_bytes:
-                    holder = max(self._used, key=lambda name: self._used[name])
-                    self._release(self._oldest_of(holder, digest), holder)
-                self._images[digest], self._owners[digest] = data, set()
-                self._held += size
-            self._images.move_to_end(digest)
-            self._owners[digest].add(client)
-            self._used[client] += size
-
-    def get(self, digest: str) -> bytes | None:
-        with self._lock:
-            data = self._images.get(digest)
-            if data is not None:
-                self._images.move_to_end(digest)
-            return data
-
-    def _oldest_of(self, client: str, keep: str) -> str:
-        return next(d for d in self._images if d != keep and client in self._owners[d])
-
-    def _release(self, digest: str, client: str) -> None:
-        """`client` no longer holds `digest`; the image goes once nobody does."""
-        owners = self._owners[digest]
-        owners.discard(client)
-        size = len(self._images[digest])
-        self._used[client] -= size
-        if self._used[client] <= 0:
-            del self._used[client]
-        if not owners:
-            del self._images[digest], self._owners[digest]
-            self._held -= size
-
-
 class Gateway:
     def __init__(self, config: GatewayConfig, upstreams: Upstreams) -> None:
         self.config = config
@@ -128,6 +48,7 @@ class Gateway:
         self.uploads = UploadStore(
             config.upload_store_bytes,
             config.upload_store_bytes // 4 if per_client is None else per_client,
+            upload_bytes(config),
         )
         self._model: Model | None = None
         self.runs = Runs()  # in flight; finished early when the server stops
