@@ -53,9 +53,12 @@ def domain_error(error: grpc.RpcError, service: str, address: str) -> Exception:
             "service the same STYLEBLEND_INTERNAL_TOKEN"
         )
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        replicas = "," in address or address.startswith("dns:")  # a cluster's, or one process
+        hint = (
+            "check that its replicas are up" if replicas else "start the graph with `styleblend up`"
+        )
         return errors.Unavailable(
-            f"the {service} service at {address} is unavailable ({code.name}: {details}); "
-            f"start the graph with `styleblend up`"
+            f"the {service} service at {address} is unavailable ({code.name}: {details}); {hint}"
         )
     return RuntimeError(f"{service} service failed: {code.name}: {details}")
 

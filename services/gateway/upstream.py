@@ -25,6 +25,7 @@ from services.common.channels import (
     upstream_credentials,
 )
 from services.common.config import GatewayConfig
+from services.common.errors import Unavailable
 
 T = TypeVar("T")
 
@@ -37,11 +38,22 @@ class ReconstructCall:
         self._address = address
 
     def __iter__(self) -> Iterator[reconstruction_pb2.ReconstructResponse]:
+        started = False
         try:
-            yield from self._call  # type: ignore[misc]
+            for response in self._call:  # type: ignore[attr-defined]
+                started = True
+                yield response
         except grpc.RpcError as error:
-            if error.code() != grpc.StatusCode.CANCELLED:
-                raise domain_error(error, "reconstruction", self._address) from None
+            if error.code() == grpc.StatusCode.CANCELLED:
+                return
+            if started and error.code() == grpc.StatusCode.UNAVAILABLE:
+                # The replica running this run went away (killed, evicted, its node gone).
+                raise Unavailable(
+                    f"the reconstruction replica running this blend went away mid-run "
+                    f"({error.details()}); its image is lost: start the blend again, and a "
+                    "replica that is up takes it"
+                ) from None
+            raise domain_error(error, "reconstruction", self._address) from None
 
     def cancel(self) -> None:
         self._call.cancel()
