@@ -144,6 +144,21 @@ def busy_reconstruction(cluster: Cluster) -> Replica:
     raise AssertionError("no reconstruction replica is running the session")
 
 
+def on_replica(
+    cluster: Cluster, replica: Replica, request: pb.BlendRequest
+) -> Iterator[pb.BlendResponse]:
+    """A blend running on `replica`: each gateway's channel takes the replicas in turn, so one
+    that lands elsewhere is cancelled and the next call goes to the other."""
+    for attempt in range(6):
+        call = cluster.stub(attempt % 2).Blend(request, timeout=300)
+        events = iter(call)
+        next(events)  # its first event: the reconstruction has started
+        if cluster.metric(replica, "styleblend_grpc_busy_threads") >= 1:
+            return events
+        call.cancel()
+    raise AssertionError(f"no blend landed on {replica.name}")
+
+
 def test_a_reconstruction_replica_killed_mid_session_ends_only_that_session(
     cluster: Cluster,
 ) -> None:
@@ -155,9 +170,9 @@ def test_a_reconstruction_replica_killed_mid_session_ends_only_that_session(
     victim = busy_reconstruction(cluster)
     survivor = next(r for r in cluster.nodes["reconstruction"] if r is not victim)
     assert cluster.metric(survivor, "styleblend_grpc_busy_threads") == 0
-    other = cluster.stub(1).Blend(blend_request(style, iterations=40), timeout=300)
+    events = on_replica(cluster, survivor, blend_request(style, iterations=60))
     other_result: list[pb.Result] = []
-    reader = threading.Thread(target=lambda: other_result.append(result_of(other)))
+    reader = threading.Thread(target=lambda: other_result.append(result_of(events)))
     reader.start()
     cluster.kill(victim)
     with pytest.raises(grpc.RpcError) as caught:
