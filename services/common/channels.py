@@ -38,6 +38,11 @@ def _not_held(error: grpc.Call) -> str | None:
     return None
 
 
+def replicated(address: str) -> bool:
+    """Whether a target names a service's replicas (a list, or DNS), not one process."""
+    return "," in address or address.startswith("dns:")
+
+
 def domain_error(error: grpc.RpcError, service: str, address: str) -> Exception:
     """What a caller should see for a failure of the service it called."""
     code = error.code() if isinstance(error, grpc.Call) else grpc.StatusCode.UNKNOWN
@@ -53,9 +58,10 @@ def domain_error(error: grpc.RpcError, service: str, address: str) -> Exception:
             "service the same STYLEBLEND_INTERNAL_TOKEN"
         )
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-        replicas = "," in address or address.startswith("dns:")  # a cluster's, or one process
         hint = (
-            "check that its replicas are up" if replicas else "start the graph with `styleblend up`"
+            "check that its replicas are up"
+            if replicated(address)
+            else "start the graph with `styleblend up`"
         )
         return errors.Unavailable(
             f"the {service} service at {address} is unavailable ({code.name}: {details}); {hint}"

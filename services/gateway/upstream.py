@@ -22,6 +22,7 @@ from services.common.channels import (
     domain_error,
     internal_metadata,
     open_channel,
+    replicated,
     upstream_credentials,
 )
 from services.common.config import GatewayConfig
@@ -47,11 +48,16 @@ class ReconstructCall:
             if error.code() == grpc.StatusCode.CANCELLED:
                 return
             if started and error.code() == grpc.StatusCode.UNAVAILABLE:
-                # The replica running this run went away (killed, evicted, its node gone).
+                # The process running this run went away (killed, evicted, its node gone).
+                again = (
+                    "start the blend again, and a replica that is up takes it"
+                    if replicated(self._address)
+                    else "start the blend again once the service is back (`styleblend up`)"
+                )
                 raise Unavailable(
-                    f"the reconstruction replica running this blend went away mid-run "
-                    f"({error.details()}); its image is lost: start the blend again, and a "
-                    "replica that is up takes it"
+                    f"the reconstruction service at {self._address} is unavailable: the replica "
+                    f"running this blend went away mid-run ({error.details()}); its image is "
+                    f"lost: {again}"
                 ) from None
             raise domain_error(error, "reconstruction", self._address) from None
 
