@@ -235,3 +235,4 @@ bench-large-picture: install
 
 clean:
 	rm -rf gen out .pytest_cache .mypy_cache .ruff_cache
+include deploy/images.mk
