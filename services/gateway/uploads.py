@@ -156,10 +156,12 @@ class UploadStore:
         size = len(data)
         self.check(size)
         with self._lock:
+            # First, so a store that fails (Redis unreachable) refuses with nothing changed;
+            # again for a client that holds it already: a shared copy may have expired.
+            self._bytes.put(digest, data, client)
             owners = self._owners.get(digest)
             if owners is not None and client in owners:
                 self._sizes.move_to_end(digest)
-                self._bytes.put(digest, data, client)  # again: a shared copy may have expired
                 return
             while self._used[client] + size > self.quota_bytes:
                 self._release(self._oldest_of(client, digest), client)
@@ -169,7 +171,6 @@ class UploadStore:
                     self._release(self._oldest_of(holder, digest), holder)
                 self._sizes[digest], self._owners[digest] = size, set()
                 self._held += size
-            self._bytes.put(digest, data, client)
             self._sizes.move_to_end(digest)
             self._owners[digest].add(client)
             self._used[client] += size

@@ -145,3 +145,15 @@ def test_a_shared_upload_goes_only_once_no_replica_holds_it(redis_url: str) -> N
     for k in range(2):  # now bob lets it go too
         other.upload(noise_png(30 + k), "bob")
     assert one.uploaded(shared) is None and other.uploaded(shared) is None
+
+
+def test_an_upload_the_store_cannot_keep_is_refused_and_changes_nothing(redis_url: str) -> None:
+    import redis
+
+    from services.gateway.uploads import RedisUploadBytes, UploadStore
+
+    url = f"redis://127.0.0.1:{free_port()}/0"  # the store went away after the gateway started
+    store = UploadStore(10 * MiB, MiB, RedisUploadBytes(redis.Redis.from_url(url), url, 60))
+    with pytest.raises(Unavailable, match="cannot be reached"):
+        store.put(images.sha256(noise_png(3)), noise_png(3), "alice")
+    assert store.held_bytes == 0 and store.used_by("alice") == 0
