@@ -27,7 +27,14 @@ from tqdm import tqdm
 from export.models import FeatureNet, load_feature_net
 from export.onnx_export import MAX_RELATIVE_ERROR, OPSET, ExportCheckFailed, relative_error
 from export.train_fast import content_images, crops
-from export.universal import LAYERS, UniversalDecoder, coarse_to_fine, export_onnx, stride
+from export.universal import (
+    LAYERS,
+    UniversalDecoder,
+    coarse_to_fine,
+    export_onnx,
+    level,
+    stride,
+)
 from services.common.manifest import MIN_SIDE_PX, Manifest
 from services.common.universalmodel import (
     DECODER_INPUT,
@@ -43,6 +50,9 @@ CHECKPOINT_FILE = "checkpoint.pt"
 CHECK_SIDES = ((5, 7), (16, 12))
 
 
+FEATURE_LAYERS = ("own", "up-to")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     levels: tuple[str, ...] = ("relu5_1", "relu4_1", "relu3_1", "relu2_1", "relu1_1")
@@ -52,6 +62,9 @@ class TrainConfig:
     lr: float = 1e-3
     width: float = 0.5  # hidden channels relative to Li et al.'s decoder
     feature_weight: float = 0.1  # the feature term's weight against the pixel term
+    # "own": the feature term at the decoder's layer only (Li et al.); "up-to": at every
+    # relu*_1 up to it too, which keeps the fine texture a pixel loss alone blurs away.
+    feature_layers: str = "own"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -71,6 +84,10 @@ class TrainConfig:
             raise ValueError(f"steps and batch must be at least 1, got {self.steps}, {self.batch}")
         if not 0 < self.width <= 1:
             raise ValueError(f"width must be within (0, 1], got {self.width}")
+        if self.feature_layers not in FEATURE_LAYERS:
+            raise ValueError(
+                f"feature_layers must be one of {FEATURE_LAYERS}, got {self.feature_layers!r}"
+            )
         if not 0 < self.lr < 1 or self.feature_weight < 0:
             raise ValueError(f"need 0 < lr < 1, feature_weight ≥ 0; got {self.lr}, "
                              f"{self.feature_weight}")  # fmt: skip
@@ -86,32 +103,40 @@ _RESUMABLE = frozenset({"steps", "size_px", "batch", "lr"})
 
 
 class ReconstructionLoss:
-    """‖D(Φ(x)) − x‖² per pixel + feature_weight · ‖Φ(D(Φ(x))) − Φ(x)‖² / ‖Φ(x)‖².
+    """‖D(Φ(x)) − x‖² per pixel + feature_weight · meanₗ ‖Φₗ(D(Φ(x))) − Φₗ(x)‖² / ‖Φₗ(x)‖².
 
-    Li et al.'s feature term is an absolute L2; it is relative here, as the reconstruction
-    service's terms are, so its weight does not depend on the encoder's input scale.
+    l is the decoder's layer ("own") or every relu*_1 up to it ("up-to"): the shallower ones
+    cost no extra encoder pass. Li et al.'s feature term is an absolute L2; it is relative here,
+    as the reconstruction service's terms are, so its weight does not depend on the encoder's
+    input scale.
     """
 
-    def __init__(self, encoder: FeatureNet, layer: str, feature_weight: float) -> None:
+    def __init__(
+        self, encoder: FeatureNet, layer: str, feature_weight: float, feature_layers: str = "own"
+    ) -> None:
         self.encoder, self.layer, self.feature_weight = encoder, layer, feature_weight
+        shallower = [name for name in LAYERS if level(name) < level(layer)]
+        self.judged = [*shallower, layer] if feature_layers == "up-to" else [layer]
 
     def features(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.encoder(pixels, [self.layer])[self.layer]
 
     def __call__(self, decoder: UniversalDecoder, pixels: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            wanted = self.features(pixels)
-        made = decoder(wanted)
+            wanted = self.encoder(pixels, self.judged)
+        made = decoder(wanted[self.layer])
         loss = (made - pixels).pow(2).mean()
         if self.feature_weight:
             # Clamped as the export is: the feature term judges the image the service sees.
-            again = self.features(made.clamp(0, 1))
-            loss = loss + self.feature_weight * squared_relative_error(again, wanted)
+            again = self.encoder(made.clamp(0, 1), self.judged)
+            error = sum(squared_relative_error(again[n], wanted[n]) for n in self.judged)
+            loss = loss + self.feature_weight * error / len(self.judged)
         return loss
 
 
 def _config_from(raw: dict[str, Any]) -> TrainConfig:
-    return TrainConfig(**{**raw, "levels": tuple(raw["levels"])})
+    # Checkpoints from before feature_layers judged the decoder's own layer only.
+    return TrainConfig(**{"feature_layers": "own", **raw, "levels": tuple(raw["levels"])})
 
 
 def _check_resumable(checkpoint: dict[str, Any], config: TrainConfig, manifest: Manifest) -> None:
@@ -197,7 +222,7 @@ def _train_level(
     torch.manual_seed(config.seed + LAYERS.index(layer))
     decoder = UniversalDecoder(layer, config.width)
     optimizer = torch.optim.Adam(decoder.parameters(), lr=config.lr)
-    loss_of = ReconstructionLoss(encoder, layer, config.feature_weight)
+    loss_of = ReconstructionLoss(encoder, layer, config.feature_weight, config.feature_layers)
     if "state_dict" in saved:
         decoder.load_state_dict(saved["state_dict"])
         optimizer.load_state_dict(saved["optimizer"])
@@ -342,6 +367,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=defaults.lr)
     parser.add_argument("--width", type=float, default=defaults.width)
     parser.add_argument("--feature-weight", type=float, default=defaults.feature_weight)
+    parser.add_argument("--feature-layers", choices=FEATURE_LAYERS, default=defaults.feature_layers,
+                        help="the feature term at the decoder's layer, or at every relu*_1 "
+                             "up to it")  # fmt: skip
     parser.add_argument("--content", type=Path, action="append", default=[],
                         help="a folder of more photos (repeatable)")  # fmt: skip
     parser.add_argument("--seed", type=int, default=defaults.seed)
@@ -367,7 +395,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = TrainConfig(levels=args.levels, size_px=args.size, batch=args.batch,
                              steps=args.steps, lr=args.lr, width=args.width,
-                             feature_weight=args.feature_weight, seed=args.seed)  # fmt: skip
+                             feature_weight=args.feature_weight,
+                             feature_layers=args.feature_layers, seed=args.seed)  # fmt: skip
         train(args.out, args.model_dir, config, args.content, progress=not args.quiet)
     except ValueError as error:  # a bad value, or a checkpoint made otherwise
         parser.error(str(error))

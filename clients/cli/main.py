@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--levels",
         nargs="+",
         metavar="LAYER",
-        help="with --universal: the decoders to use, coarse to fine (default: all loaded)",
+        help="with --universal: the decoders to use (default: the model's; `styleblend info`)",
     )
     blend.add_argument(
         "--strength",

@@ -14,6 +14,7 @@ from export.models import load_feature_net
 from export.train_universal import (
     CHECKPOINT_FILE,
     ConfigMismatch,
+    ReconstructionLoss,
     TrainConfig,
     content_images,
     export_decoders,
@@ -102,6 +103,39 @@ def test_a_checkpoint_made_otherwise_is_refused(trained: Path, vgg19_dir: Path) 
     assert (trained / CHECKPOINT_FILE).is_file()
 
 
+def test_the_feature_term_judges_every_layer_up_to_the_decoders(vgg19_dir: Path) -> None:
+    encoder, _ = load_feature_net(vgg19_dir)
+    decoder = UniversalDecoder("relu2_1", width=0.25)
+    photo = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        wanted = encoder(photo, ["relu1_1", "relu2_1"])
+        made = decoder(wanted["relu2_1"])
+        again = encoder(made.clamp(0, 1), ["relu1_1", "relu2_1"])
+        pixel = float((made - photo).pow(2).mean())
+        error = {n: float((again[n] - wanted[n]).pow(2).sum() / wanted[n].pow(2).sum())
+                 for n in wanted}  # fmt: skip
+        own = float(ReconstructionLoss(encoder, "relu2_1", 0.1, "own")(decoder, photo))
+        up_to = float(ReconstructionLoss(encoder, "relu2_1", 0.1, "up-to")(decoder, photo))
+    assert error["relu1_1"] != pytest.approx(error["relu2_1"], rel=0.05)  # the two can differ
+    assert own == pytest.approx(pixel + 0.1 * error["relu2_1"], rel=1e-4)
+    assert up_to == pytest.approx(pixel + 0.1 * (error["relu1_1"] + error["relu2_1"]) / 2, rel=1e-4)
+
+
+def test_a_checkpoint_from_before_feature_layers_resumes_as_own(
+    trained: Path, vgg19_dir: Path, tmp_path: Path
+) -> None:
+    folder = tmp_path / "older"
+    shutil.copytree(trained, folder)
+    state = load_checkpoint(folder)
+    del state["config"]["feature_layers"]
+    torch.save(state, folder / CHECKPOINT_FILE)
+    with pytest.raises(ConfigMismatch, match=r"feature_layers 'own' != 'up-to'"):
+        train(folder, vgg19_dir, TrainConfig(**{**TINY.__dict__, "feature_layers": "up-to"}),
+              progress=False)  # fmt: skip
+    assert load_checkpoint(folder)["decoders"]["relu1_1"]["step"] == TINY.steps
+
+
 @pytest.mark.parametrize(
     ("argv", "says"),
     [
@@ -111,6 +145,7 @@ def test_a_checkpoint_made_otherwise_is_refused(trained: Path, vgg19_dir: Path) 
         (["--levels", "relu1_1", "--size", "16"], "at least 32, got 16"),
         (["--width", "1.5"], "--width must be within (0, 1], got 1.5"),
         (["--content", "/no/such/folder"], "no such folder"),
+        (["--feature-layers", "all"], "invalid choice: 'all'"),
     ],
 )
 def test_bad_command_lines_exit_with_a_clear_message(
