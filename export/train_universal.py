@@ -63,7 +63,7 @@ class TrainConfig:
     width: float = 0.5  # hidden channels relative to Li et al.'s decoder
     feature_weight: float = 0.1  # the feature term's weight against the pixel term
     # "own": the feature term at the decoder's layer only (Li et al.); "up-to": at every
-    # relu*_1 up to it too, which keeps the fine texture a pixel loss alone blurs away.
+    # relu*_1 up to it too, meant to keep fine texture a pixel loss blurs (not yet measured).
     feature_layers: str = "own"
     seed: int = 0
 
@@ -115,8 +115,7 @@ class ReconstructionLoss:
         self, encoder: FeatureNet, layer: str, feature_weight: float, feature_layers: str = "own"
     ) -> None:
         self.encoder, self.layer, self.feature_weight = encoder, layer, feature_weight
-        shallower = [name for name in LAYERS if level(name) < level(layer)]
-        self.judged = [*shallower, layer] if feature_layers == "up-to" else [layer]
+        self.judged = list(LAYERS[: level(layer)]) if feature_layers == "up-to" else [layer]
 
     def features(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.encoder(pixels, [self.layer])[self.layer]
