@@ -15,13 +15,14 @@ client over its quota on one replica never drops what another replica's client h
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import threading
 from collections import Counter, OrderedDict
 from typing import TYPE_CHECKING, Protocol
 
 from services.common.config import GatewayConfig
-from services.common.errors import ResourceExhausted
+from services.common.errors import ResourceExhausted, Unavailable
 from services.common.store import KEY_PREFIX, connect, unreachable
 
 if TYPE_CHECKING:
@@ -163,17 +164,27 @@ class UploadStore:
             if owners is not None and client in owners:
                 self._sizes.move_to_end(digest)
                 return
-            while self._used[client] + size > self.quota_bytes:
-                self._release(self._oldest_of(client, digest), client)
+            try:
+                self._make_room(digest, size, client, is_new=owners is None)
+            except Unavailable:
+                # The store went away while older uploads were let go (those stay gone, each
+                # accounted for): this one is not kept, so no bytes are left unaccounted.
+                with contextlib.suppress(Unavailable):
+                    self._bytes.release(digest, client)
+                raise
             if owners is None:
-                while self._held + size > self.budget_bytes:
-                    holder = max(self._used, key=lambda name: self._used[name])
-                    self._release(self._oldest_of(holder, digest), holder)
                 self._sizes[digest], self._owners[digest] = size, set()
                 self._held += size
             self._sizes.move_to_end(digest)
             self._owners[digest].add(client)
             self._used[client] += size
+
+    def _make_room(self, digest: str, size: int, client: str, is_new: bool) -> None:
+        while self._used[client] + size > self.quota_bytes:
+            self._release(self._oldest_of(client, digest), client)
+        while is_new and self._held + size > self.budget_bytes:
+            holder = max(self._used, key=lambda name: self._used[name])
+            self._release(self._oldest_of(holder, digest), holder)
 
     def get(self, digest: str) -> bytes | None:
         """The upload's bytes, wherever it was made (with a shared store, through any replica)."""
@@ -186,14 +197,15 @@ class UploadStore:
         return next(d for d in self._sizes if d != keep and client in self._owners[d])
 
     def _release(self, digest: str, client: str) -> None:
-        """`client` no longer holds `digest`; the image goes once nobody does."""
+        """`client` no longer holds `digest`; the image goes once nobody does. The store first,
+        so one that fails leaves this accounting as it was."""
+        self._bytes.release(digest, client)
         owners = self._owners[digest]
         owners.discard(client)
         size = self._sizes[digest]
         self._used[client] -= size
         if self._used[client] <= 0:
             del self._used[client]
-        self._bytes.release(digest, client)
         if not owners:
             del self._sizes[digest], self._owners[digest]
             self._held -= size

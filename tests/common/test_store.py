@@ -157,3 +157,28 @@ def test_an_upload_the_store_cannot_keep_is_refused_and_changes_nothing(redis_ur
     with pytest.raises(Unavailable, match="cannot be reached"):
         store.put(images.sha256(noise_png(3)), noise_png(3), "alice")
     assert store.held_bytes == 0 and store.used_by("alice") == 0
+
+
+def test_a_store_that_fails_while_making_room_keeps_the_accounting_whole(redis_url: str) -> None:
+    import redis
+
+    from services.gateway.uploads import RedisUploadBytes, UploadStore
+
+    admin = redis.Redis.from_url(redis_url)
+    # A user that may store but not run scripts: letting an image go fails as an outage would.
+    admin.acl_setuser("no-scripts", enabled=True, passwords=["+pw"], keys=["*"],
+                      commands=["+@all", "-@scripting"])  # fmt: skip
+    url = redis_url.replace("redis://", "redis://no-scripts:pw@")
+    size = len(noise_png(0))
+    store = UploadStore(10 * MiB, 2 * size, RedisUploadBytes(redis.Redis.from_url(url), url, 60))
+    kept = [images.sha256(noise_png(k)) for k in (40, 41)]
+    for k, digest in zip((40, 41), kept, strict=True):
+        store.put(digest, noise_png(k), "alice")
+    with pytest.raises(Unavailable):  # the oldest must go to make room, and cannot
+        store.put(images.sha256(noise_png(42)), noise_png(42), "alice")
+    assert store.held_bytes == 2 * size and store.used_by("alice") == 2 * size
+    assert [store.get(digest) for digest in kept] == [noise_png(40), noise_png(41)]
+    admin.acl_setuser("no-scripts", commands=["+@scripting"])  # back: room is made as usual
+    store.put(images.sha256(noise_png(42)), noise_png(42), "alice")
+    assert store.get(kept[0]) is None and store.get(kept[1]) == noise_png(41)
+    assert store.held_bytes == 2 * size and store.used_by("alice") == 2 * size
