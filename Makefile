@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 PROTOS := $(shell find protos -name '*.proto')
 SAMPLES := clients/samples
 
-.PHONY: redis install protos models fast-model fast-model-long demo demo-fast bench-fast bench bench-large-picture up test test-slow reliability lint typecheck chromium clean
+.PHONY: redis install protos models fast-model fast-model-long demo demo-fast demo-universal bench-fast bench bench-large-picture up test test-slow reliability lint typecheck chromium clean
 
 # --- setup -------------------------------------------------------------------------------
 $(VENV)/.tools:
@@ -157,6 +157,31 @@ demo-fast: fast-model
 	$(BIN)/styleblend video out/clip.mp4 -o out/clip-styled.mp4 --model $(FAST_MODEL) \
 		--style starry=0.7 --style scream=0.3 --temporal 0.5
 	@echo "results: $$(pwd)/out/fast-*.png, $$(pwd)/out/clip-styled.mp4"
+
+# The universal path through the graph, any paintings, no training for them: a mix at two
+# strengths, a split with painted maps, the painting's colours kept on the photo's luminance,
+# and a refined image (the universal image, then 40 L-BFGS iterations from it).
+demo-universal: universal-model
+	$(PY) -m bench.demo_inputs out
+	$(WITH_GRAPH) \
+	for strength in 1 0.5; do \
+		$(BIN)/styleblend blend --gateway $(GATEWAY) --universal --strength $$strength \
+			--source $(SAMPLES)/content/astronaut.jpg:content=1 \
+			--source $(SAMPLES)/style/starry_night.jpg:style=0.7 \
+			--source $(SAMPLES)/style/the_scream.jpg:style=0.3 \
+			--size 512 -o out/universal-strength-$$strength.png; \
+	done; \
+	$(BIN)/styleblend blend --gateway $(GATEWAY) --universal --size 512 -o out/universal-split.png \
+		--source $(SAMPLES)/content/chelsea.jpg:content=1 \
+		--source $(SAMPLES)/style/starry_night.jpg:style=1:mask=out/left.png \
+		--source $(SAMPLES)/style/woman-with-hat-matisse.jpg:style=1:mask=out/right.png; \
+	$(BIN)/styleblend blend --gateway $(GATEWAY) --universal --preserve-color luminance \
+		--source $(SAMPLES)/content/chelsea.jpg:content=1 \
+		--source $(SAMPLES)/style/the_scream.jpg:style=1 --size 512 -o out/universal-luminance.png; \
+	$(BIN)/styleblend blend --gateway $(GATEWAY) --universal --refine --iterations 40 \
+		--source $(SAMPLES)/content/chelsea.jpg:content=1 \
+		--source $(SAMPLES)/style/starry_night.jpg:style=1 --size 256 -o out/universal-refined.png
+	@echo "results: $$(pwd)/out/universal-*.png"
 
 # --- checks ------------------------------------------------------------------------------
 lint: install

@@ -454,15 +454,19 @@ def main() -> int:
     parser.add_argument(
         "--levels", nargs="+", default=list(BEST), help="the universal image's levels"
     )
+    parser.add_argument(
+        "--universal-dir", type=Path, default=UNIVERSAL_DIR, help="the decoders to judge"
+    )
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
     levels = tuple(layer for layer in reversed(STYLE_LAYERS) if layer in args.levels)
     pairs = [Pair(SAMPLES / "content" / a, SAMPLES / "style" / b) for a, b in PAIRS[: args.pairs]]
-    styliser = UniversalStyliser(MODEL_DIR, UNIVERSAL_DIR, intra_op_threads=args.threads)
+    styliser = UniversalStyliser(MODEL_DIR, args.universal_dir, intra_op_threads=args.threads)
     command = (
         f"python -m bench.universal --out {args.out} --size {args.size} --quality-size "
-        f"{args.quality_size} --repeats {args.repeats} --pairs {args.pairs} --levels "
+        f"{args.quality_size} --repeats {args.repeats} --pairs {args.pairs} "
+        f"--universal-dir {os.path.relpath(args.universal_dir, ROOT)} --levels "
         + " ".join(levels)
     )
     report: dict[str, Any] = {
