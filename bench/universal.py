@@ -466,8 +466,7 @@ def main() -> int:
     command = (
         f"python -m bench.universal --out {args.out} --size {args.size} --quality-size "
         f"{args.quality_size} --repeats {args.repeats} --pairs {args.pairs} "
-        f"--universal-dir {os.path.relpath(args.universal_dir, ROOT)} --levels "
-        + " ".join(levels)
+        f"--universal-dir {os.path.relpath(args.universal_dir, ROOT)} --levels " + " ".join(levels)
     )
     report: dict[str, Any] = {
         "command": command, "cpu": cpu_model(), "threads": args.threads,
