@@ -113,10 +113,10 @@ $(PHOTOS)/.stamp:
 photos: $(PHOTOS)/.stamp
 
 # The universal method's decoders (WCT), VGG19's five relu*_1 layers at half width, trained
-# on the bundled and downloaded photos: 400 steps a level on 128 px crops, 13 min on a
-# 2-core CPU shared with other jobs (issue 14's session; relu5_1 takes half of it). A request
-# naming no levels gets relu3_1 alone: 0.47 s at 512 px and, at this much training, nearer the
-# targets than any chain of levels (README, Universal blends; make bench-universal).
+# on the bundled and downloaded photos: 400 steps a level on 128 px crops, 13–26 min on a
+# 2-core CPU, by how loaded it is (relu5_1 takes half of it). A request naming no levels gets
+# relu3_1 alone: about 1 s at 512 px and, at this much training, nearer the targets than any
+# chain of levels (README, Universal blends; make bench-universal).
 UNIVERSAL_MODEL := models/universal
 UNIVERSAL_STEPS ?= 400
 UNIVERSAL_DEFAULT_LEVELS := --default-levels relu3_1
