@@ -21,6 +21,7 @@ import torch
 import bench.universal as universal
 from bench.graph import ROOT, write_report
 from bench.large import STYLE_LAYERS, served_net
+from services.features import core as features_core
 from services.features.universal import UniversalStyliser
 from services.reconstruction import core
 
@@ -35,8 +36,7 @@ def per_layer(net: torch.nn.Module, targets: core.ScaleTargets, pixels: np.ndarr
         taps = net(universal.to_batch(pixels.astype(np.float32)), [*STYLE_LAYERS, CONTENT_LAYER])
     errors = []
     for layer in STYLE_LAYERS:
-        features = taps[layer][0].reshape(taps[layer].shape[1], -1).double()
-        gram = (features @ features.T / features.shape[1]).numpy()
+        gram = features_core.gram(taps[layer][0].double().numpy())  # the service's own Gram
         target = targets.channels[0].grams[layer]
         errors.append(float(((gram - target) ** 2).sum() / (target**2).sum()))
     content, wanted = taps[CONTENT_LAYER][0].double().numpy(), targets.features[CONTENT_LAYER]
