@@ -40,7 +40,6 @@ import platform
 import queue
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -58,6 +57,7 @@ from styleblend.v1 import styleblend_pb2_grpc
 from tqdm import tqdm
 
 from bench.numbers import cpu_model, spread
+from bench.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "clients" / "samples"  # the inputs are this checkout's, whatever --root is
@@ -217,12 +217,6 @@ class Proxies:
 
 
 # --- the graph as processes ----------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 def link(caller: str, service: str) -> str:
     return f"{caller}→{service}"
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -16,6 +15,7 @@ import grpc
 import pytest
 from styleblend.v1 import styleblend_pb2_grpc
 
+from bench.ports import free_port
 from services.common.config import (
     FeaturesConfig,
     GatewayConfig,
@@ -188,12 +188,6 @@ def start_gateway(upstreams: dict[str, str], **limits: int) -> tuple[RunningServ
     ).model_copy(update=limits)
     metrics = ServiceMetrics("gateway")
     return serve(build_gateway(config, metrics), config.max_request_bytes, metrics), config
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @pytest.fixture(scope="session")

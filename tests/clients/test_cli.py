@@ -7,7 +7,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ import pytest
 from PIL import Image
 from styleblend.v1 import styleblend_pb2, styleblend_pb2_grpc
 
+from bench.ports import free_port
 from clients.cli.main import main
 from clients.cli.script import ScriptError, parse_script
 from clients.cli.sources import parse_source
@@ -29,12 +29,6 @@ from tests.conftest import ROOT, SAMPLES, Graph
 ASTRONAUT = str(SAMPLES / "content" / "astronaut.jpg")
 STARRY = str(SAMPLES / "style" / "starry_night.jpg")
 SCREAM = str(SAMPLES / "style" / "the_scream.jpg")
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def test_source_weights_are_parsed_and_checked() -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 import shutil
-import socket
 import subprocess
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import pytest
 from PIL import Image
 from PIL.PngImagePlugin import PngImageFile
 
+from bench.ports import free_port
 from tests.conftest import ROOT, SAMPLES, Graph
 
 NODE = shutil.which("node")
@@ -40,12 +40,6 @@ def blend(*args: str) -> subprocess.CompletedProcess[str]:
         text=True,
         timeout=120,
     )
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def test_blend_prints_progress_and_writes_previews_and_result(graph: Graph, tmp_path: Path) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import time
 from pathlib import Path
 
@@ -13,15 +12,10 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from styleblend.v1 import styleblend_pb2 as pb
 from styleblend.v1 import styleblend_pb2_grpc
 
+from bench.ports import free_port
 from services.common.config import ReconstructionConfig
 from services.graph import build_reconstruction
 from tests.conftest import Graph, address, sample, serve, start_gateway
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def blend_request() -> pb.BlendRequest:

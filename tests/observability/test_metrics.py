@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -13,6 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from styleblend.v1 import styleblend_pb2 as pb
 from styleblend.v1 import styleblend_pb2_grpc
 
+from bench.ports import free_port
 from services.common.config import GatewayConfig
 from services.common.metrics import MetricsHttp, ServiceMetrics, serve_metrics
 from services.common.server import RunningServer, start_server
@@ -38,12 +38,6 @@ def scrape(endpoint: MetricsHttp) -> Samples:
 
 def value(samples: Samples, name: str, **labels: str) -> float:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def stub(target: str | grpc.Channel) -> styleblend_pb2_grpc.StyleBlendStub:

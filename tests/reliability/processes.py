@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,16 +19,12 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from styleblend.v1 import styleblend_pb2_grpc
 
+from bench.ports import free_port
+
 ROOT = Path(__file__).resolve().parents[2]
 SERVICES = ("features", "blending", "reconstruction", "gateway")
 START_TIMEOUT_S = 120.0  # PyTorch and the model load slowly on a busy 2-core machine
 MiB = 1024 * 1024
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def _status(pid: int, key: str) -> int:
