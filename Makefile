@@ -91,13 +91,20 @@ $(LONG_MODEL)/fast.json: $(FAST_MODEL)/fast.json
 fast-model-long: install $(LONG_MODEL)/fast.json
 
 # Photographs to train the universal decoders on, from Debian's wallpaper packages: downloaded
-# and unpacked, never installed (no root). Only the photos: MATE's nature set and eleven of
-# Plasma's (the others in these packages, and ukui's, lomiri's and GNOME's, are illustrations).
+# and unpacked, never installed (no root). Only the photos: MATE's nature set, eleven of
+# Plasma's and fifteen of Ubuntu Touch's wallpaper contests (the others in these packages, and
+# ukui's, sway's and GNOME's, are illustrations); the largest brought down to 1920 px.
 PHOTOS := data/photos
-PHOTO_PACKAGES := mate-backgrounds plasma-workspace-wallpapers
+PHOTO_PACKAGES := mate-backgrounds plasma-workspace-wallpapers lomiri-wallpapers-16.04 \
+	lomiri-wallpapers-20.04
 PLASMA_PHOTOS := BytheWater ColdRipple ColorfulCups DarkestHour EveningGlow FallenLeaf Grey \
 	Kite OneStandsOut Path summer_1am
-$(PHOTOS)/.stamp:
+LOMIRI_PHOTOS := Bridge_by_Sander_Klootwijk Dragonfly_by_Bolly Picture_0B_by_freespace \
+	Picture_1A_by_freespace Wine_by_Jakkub_Mede aitzgorri_by_Aitzol_Berasategi \
+	analogpattern_by_Peter_Nerlich free_by_Peter_Nerlich friends_by_Aitzol_Berasategi \
+	greentock_by_Peter_Nerlich life_by_Aitzol_Berasategi picosdeeuropa_by_Aitzol_Berasategi \
+	seeding_by_Clements_Engelhardt sunset_by_Aitzol_Berasategi Kleiber_by_Lukas_Baubkus
+$(PHOTOS)/.stamp: | $(VENV)/.installed
 	@set -e; tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; chmod 755 "$$tmp"; \
 	(cd "$$tmp" && apt-get download -q $(PHOTO_PACKAGES)); \
 	for deb in "$$tmp"/*.deb; do dpkg-deb -x "$$deb" "$$tmp/root"; done; \
@@ -108,6 +115,8 @@ $(PHOTOS)/.stamp:
 		photo="$$images/1920x1080.jpg"; [ -f "$$photo" ] || photo="$$(ls "$$images"/*.jpg | head -1)"; \
 		cp "$$photo" $(PHOTOS)/$$name.jpg; \
 	done; \
+	for name in $(LOMIRI_PHOTOS); do cp "$$tmp/root/usr/share/backgrounds/$$name.jpg" $(PHOTOS)/; done; \
+	$(PY) -m export.photos $(PHOTOS)/*.jpg; \
 	echo "$$(ls $(PHOTOS)/*.jpg | wc -l) photos in $(PHOTOS)"
 	touch $@
 photos: $(PHOTOS)/.stamp
@@ -127,7 +136,8 @@ $(UNIVERSAL_MODEL)/universal.json: $(PHOTOS)/.stamp | $(VENV)/.installed
 universal-model: install $(UNIVERSAL_MODEL)/universal.json
 
 # Those decoders trained on to 1600 steps a level on 256 px crops (the size Li et al. trained
-# at), resumed from a copy: about an hour more on 2 CPU cores.
+# at), resumed from a copy: 4× the steps at 2× the pixels a step, so about 8× make
+# universal-model's time (2–3.5 h on 2 CPU cores, estimated, not yet run).
 UNIVERSAL_LONG := models/universal-long
 $(UNIVERSAL_LONG)/universal.json: $(UNIVERSAL_MODEL)/universal.json
 	rm -rf $(UNIVERSAL_LONG) && cp -r $(UNIVERSAL_MODEL) $(UNIVERSAL_LONG)
