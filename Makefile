@@ -122,7 +122,7 @@ $(PHOTOS)/.stamp: | $(VENV)/.installed
 photos: $(PHOTOS)/.stamp
 
 # The universal method's decoders (WCT), VGG19's five relu*_1 layers at half width, trained
-# on the bundled and downloaded photos: 400 steps a level on 128 px crops, 13–26 min on a
+# on the bundled and downloaded photos: 400 steps a level on 128 px crops, 13–32 min on a
 # 2-core CPU, by how loaded it is (relu5_1 takes half of it). A request naming no levels gets
 # relu3_1 alone: about 1 s at 512 px and, at this much training, nearer the targets than any
 # chain of levels (README, Universal blends; make bench-universal).
