@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import logging
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +21,7 @@ from services.common.errors import (
     NotHeld,
     ResourceExhausted,
 )
+from services.common.heap import malloc_trim
 from services.common.manifest import MIN_SIDE_PX, Manifest
 from services.common.providers import (
     DEFAULT_TENSORRT,
@@ -35,18 +34,6 @@ from services.common.store import ARRAYS, MEMORY, Held, Stores, content_key
 log = logging.getLogger(__name__)
 
 SESSIONS = 4  # sets of taps kept ready: style, content, both, and one more
-
-
-def _malloc_trim() -> Callable[[], None]:
-    """glibc's malloc_trim(0): hand the heap's free pages back to the system. glibc keeps what
-    a run frees for the next one, so without it a 1024 px extraction's activations stay in the
-    process's RSS. A no-op where the C library is not glibc."""
-    name = ctypes.util.find_library("c")
-    trim = getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
-    return (lambda: trim(0)) if trim is not None else (lambda: None)
-
-
-malloc_trim = _malloc_trim()
 
 
 def gram(features: np.ndarray) -> np.ndarray:
@@ -273,7 +260,7 @@ class FeatureExtractor:
             for kind, name in wanted
         }
         del outputs
-        if self.cpu_arena == "off":
+        if self.cpu_arena == "off":  # or a 1024 px run's activations stay in the RSS
             malloc_trim()
         with self._lock:
             self.forward_passes += 1

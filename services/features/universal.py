@@ -32,10 +32,11 @@ from services.common import colour
 from services.common.config import EXTRACT_PIXELS, EXTRACT_SIDE_PX
 from services.common.errors import FailedPrecondition, InvalidArgument
 from services.common.guides import to_layer
+from services.common.heap import malloc_trim
 from services.common.manifest import MIN_SIDE_PX, Manifest
 from services.common.stylemix import Region, check_weight
 from services.common.universalmodel import DECODER_INPUT, DECODER_OUTPUT, UniversalManifest
-from services.features.core import check_run_size, cut_to, gram, malloc_trim
+from services.features.core import check_run_size, cut_to, gram
 
 PRESERVE_COLORS = ("", "luminance", "match")
 STATISTICS_KEPT = 32  # style images whose statistics are kept: a slider move runs no encoder

@@ -20,6 +20,7 @@ from styleblend.v1 import styleblend_pb2
 
 from services.common import images, wire
 from services.common.errors import FailedPrecondition, InvalidArgument, StyleBlendError
+from services.common.heap import malloc_trim
 from services.common.manifest import Manifest
 from services.common.metrics import ServiceMetrics
 from services.common.server import Servicer
@@ -188,6 +189,7 @@ def in_background(
         target=contextvars.copy_context().run, args=(pump,), name="reconstruction", daemon=True
     )
     worker.start()
+    item: object = None
     try:
         while (item := handover.get()) is not _DONE:
             if isinstance(item, BaseException):
@@ -195,6 +197,18 @@ def in_background(
             yield item
     finally:
         control.cancel.set()
+        reap = threading.Thread(target=hand_back, args=(worker,), name="reconstruction-reap")
+        reap.start()
+        if item is _DONE:  # the run is over: its thread ends at once, so the caller waits
+            reap.join()
+
+
+def hand_back(worker: threading.Thread) -> None:
+    """Once a run's thread has ended, hand the heap's free pages back: a session's activations
+    and its thread's NNPACK buffer (tens of MiB at any size) would otherwise stay resident, at
+    the high-water mark of the most sessions that ever ran at once."""
+    worker.join()
+    malloc_trim()
 
 
 class ReconstructionServicer(reconstruction_pb2_grpc.ReconstructionServiceServicer):
