@@ -170,7 +170,7 @@ def test_a_reconstruction_replica_killed_mid_session_ends_only_that_session(
     victim = busy_reconstruction(cluster)
     survivor = next(r for r in cluster.nodes["reconstruction"] if r is not victim)
     assert cluster.metric(survivor, "styleblend_grpc_busy_threads") == 0
-    events = on_replica(cluster, survivor, blend_request(style, iterations=60))
+    events = on_replica(cluster, survivor, blend_request(style, iterations=30))
     other_result: list[pb.Result] = []
     reader = threading.Thread(target=lambda: other_result.append(result_of(events)))
     reader.start()
