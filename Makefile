@@ -213,9 +213,9 @@ redis:
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -q redis-server)
 
 test: lint typecheck chromium redis
-	$(BIN)/pytest
+	$(BIN)/pytest --durations=20  # the slowest, so CI's log shows where its time goes
 
-test-slow: install
+test-slow: install redis
 	$(BIN)/pytest -m slow
 
 # The long reliability runs (issue 7) on the graph as processes: faults, 16 concurrent sessions

@@ -159,6 +159,9 @@ def on_replica(
     raise AssertionError(f"no blend landed on {replica.name}")
 
 
+# The two replica-killing tests cost 55 s with the restarts after them, so they run in `make
+# test-slow`; `make test` kills a single graph's services in tests/reliability/test_faults.py.
+@pytest.mark.slow
 def test_a_reconstruction_replica_killed_mid_session_ends_only_that_session(
     cluster: Cluster,
 ) -> None:
@@ -187,6 +190,7 @@ def test_a_reconstruction_replica_killed_mid_session_ends_only_that_session(
         assert result_of(cluster.stub(k).Blend(blend_request(style), timeout=120)).image
 
 
+@pytest.mark.slow
 def test_a_features_replica_killed_costs_only_a_retry(cluster: Cluster) -> None:
     style = pb.Source(data=painting(400), style_weight=1, content_weight=0)
     result_of(cluster.stub(0).Blend(blend_request(style), timeout=120))
