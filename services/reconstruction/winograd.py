@@ -16,7 +16,8 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Callable
-from typing import Any, TypeVar
+from pathlib import Path
+from typing import Any, NamedTuple, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -25,9 +26,48 @@ from torch import nn
 from services.common.config import Compile, Convolution, Precision
 
 # NNPACK's F(6×6, 3×3) works on 8×8 input tiles, each giving 6×6 outputs; it keeps every tile of
-# a layer transformed, for the input's channels and the output's, as 64 float32 numbers each.
+# a layer transformed, for a block of the input's channels and all the output's, as 64 float32
+# numbers each, and the kernel transformed for that block and every output channel.
 TILE_OUT = 6
 TRANSFORMED_TILE_BYTES = 8 * 8 * 4
+# The block is what fits, with its 3×4 GEMM's operands, in a thread's share of the L1 data
+# cache: 8-float tuples, x86-64 FMA3's micro-kernel (NNPACK's src/convolution-inference.c).
+TUPLE_BYTES, GEMM_MR, GEMM_NR = 8 * 4, 3, 4
+CPU_CACHES = Path("/sys/devices/system/cpu/cpu0/cache")
+
+
+def _cpus_in(listed: str) -> int:
+    """How many CPUs "0-3,8" names."""
+    ranges = [part.split("-") for part in listed.strip().split(",") if part]
+    return sum(int(r[-1]) - int(r[0]) + 1 for r in ranges)
+
+
+def input_channel_block(caches: Path = CPU_CACHES) -> int | None:
+    """NNPACK's block of input channels on this CPU; None where Linux does not say its L1."""
+    for index in sorted(caches.glob("index*")):
+        try:
+            level = (index / "level").read_text().strip()
+            kind = (index / "type").read_text().strip()
+            size = (index / "size").read_text().strip()
+            threads = _cpus_in((index / "shared_cpu_list").read_text())
+        except (OSError, ValueError):
+            continue
+        if level == "1" and kind in ("Data", "Unified") and size.endswith("K"):
+            elements = int(size[:-1]) * 1024 // max(threads, 1) // TUPLE_BYTES
+            return max(elements // (GEMM_MR + GEMM_NR) // 2 * 2, 2)
+    return None
+
+
+CHANNEL_BLOCK = input_channel_block()
+
+
+class Workspace(NamedTuple):
+    """NNPACK's buffer for one convolution, in bytes: `tiles`, what grows with the image, and
+    `kernel`, the filters' transform, which does not."""
+
+    tiles: int
+    kernel: int
+
 
 T = TypeVar("T")
 
@@ -69,7 +109,11 @@ class WinogradConv2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._winograd_applies(x):
             return F.conv2d(x, self.weight, self.bias, padding=1)
-        _ASKED.largest = max(_ASKED.largest, self.workspace_bytes(x.shape[-2], x.shape[-1]))
+        asked = self.workspace(x.shape[-2], x.shape[-1])
+        _ASKED.tiles, _ASKED.kernel = (
+            max(_ASKED.tiles, asked.tiles),
+            max(_ASKED.kernel, asked.kernel),
+        )
         weight = self.weight.contiguous()
         return _Winograd.apply(x, weight, self.bias, self.turned)
 
@@ -81,12 +125,25 @@ class WinogradConv2d(nn.Module):
             and not self.weight.requires_grad
         )
 
-    def workspace_bytes(self, height: int, width: int) -> int:
-        """NNPACK's transformed tiles at a height×width input: the same for the image's gradient,
-        whose convolution swaps the channel counts. PyTorch keeps the largest buffer a thread has
-        needed until the thread ends."""
+    def workspace(self, height: int, width: int, block: int | None = CHANNEL_BLOCK) -> Workspace:
+        """NNPACK's buffer at a height×width input, the larger of the convolution's and the
+        image gradient's, which swaps the channel counts; `block` is this CPU's block of input
+        channels (None: all of them, an upper bound). PyTorch keeps the largest buffer a thread
+        has needed until the thread ends."""
         tiles = math.ceil(height / TILE_OUT) * math.ceil(width / TILE_OUT)
-        return tiles * (self.in_channels + self.out_channels) * TRANSFORMED_TILE_BYTES
+
+        def one(inputs: int, outputs: int) -> Workspace:
+            blocked = min(inputs, block) if block else inputs
+            return Workspace(
+                tiles * (blocked + outputs) * TRANSFORMED_TILE_BYTES,
+                outputs * blocked * TRANSFORMED_TILE_BYTES,
+            )
+
+        forward, backward = (
+            one(self.in_channels, self.out_channels),
+            one(self.out_channels, self.in_channels),
+        )
+        return Workspace(max(forward.tiles, backward.tiles), max(forward.kernel, backward.kernel))
 
     def extra_repr(self) -> str:
         return f"{self.in_channels}, {self.out_channels}, kernel_size=(3, 3), Winograd F(6×6, 3×3)"
@@ -120,20 +177,22 @@ def with_winograd(net: nn.Module) -> int:
 
 
 class _Asked(threading.local):
-    """The largest NNPACK buffer this thread's Winograd layers have asked for, in bytes: per
+    """The largest parts of NNPACK's buffer this thread's Winograd layers have asked for: per
     thread, as PyTorch keeps NNPACK's buffer, and so exact while other sessions run."""
 
-    largest = 0
+    tiles = 0
+    kernel = 0
 
 
 _ASKED = _Asked()
 
 
-def workspace_of(run: Callable[[], T]) -> tuple[T, int]:
-    """`run`'s result, and the largest NNPACK buffer it asked for, in bytes."""
-    _ASKED.largest = 0
+def workspace_of(run: Callable[[], T]) -> tuple[T, Workspace]:
+    """`run`'s result, and the largest of each part of the NNPACK buffers it asked for (their
+    sum bounds the largest buffer: the two maxima may come from different layers)."""
+    _ASKED.tiles = _ASKED.kernel = 0
     result = run()
-    return result, _ASKED.largest
+    return result, Workspace(_ASKED.tiles, _ASKED.kernel)
 
 
 def convolution_for(

@@ -5,7 +5,10 @@ counted in the memory estimate."""
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,8 +18,10 @@ from torch import nn
 from export.onnx_export import relative_error
 from services.reconstruction.memory import Footprint
 from services.reconstruction.winograd import (
+    CHANNEL_BLOCK,
     WinogradConv2d,
     convolution_for,
+    input_channel_block,
     nnpack_available,
     with_winograd,
     workspace_of,
@@ -195,8 +200,66 @@ def test_the_footprint_counts_nnpacks_buffer(net: nn.Module) -> None:
     # conv1_2 and its gradient: (64 + 64) channels of 8×8 float32 tiles per 6×6 pixels
     assert winograd.workspace_per_pixel == pytest.approx((64 + 64) * 256 / 36, rel=0.07)
     assert winograd.workspace_per_pixel >= (64 + 64) * 256 / 36
+    # The filters' transform, whatever the size: conv4_2's 512 × 512 at most, for a block of
+    # input channels that fits this CPU's L1 cache.
+    block = min(CHANNEL_BLOCK or 512, 512)
+    assert winograd.workspace_fixed == 512 * block * 256
     _, asked = workspace_of(lambda: fast(torch.rand(1, 3, 60, 66), ["relu1_1"]))
-    assert asked == 10 * 11 * (3 + 64) * 256  # conv1_1 only: the pass stops at relu1_1
+    assert asked.tiles == 10 * 11 * (3 + 64) * 256  # conv1_1 only: the pass stops at relu1_1
+    assert asked.kernel == 64 * 3 * 256
+
+
+def l1_cache(root: Path, size: str, shared: str, kind: str = "Data") -> Path:
+    for index, (level, what) in enumerate([("1", kind), ("1", "Instruction"), ("2", "Unified")]):
+        folder = root / f"index{index}"
+        folder.mkdir(parents=True)
+        for name, text in [("level", level), ("type", what), ("size", size),
+                           ("shared_cpu_list", shared)]:  # fmt: skip
+            (folder / name).write_text(text + "\n")
+    return root
+
+
+def test_the_channel_block_is_nnpacks_for_the_l1_cache(tmp_path: Path) -> None:
+    # 48 KiB for one thread: 1536 tuples of 8 floats, over 3 + 4 rows of the GEMM, even: 218.
+    assert input_channel_block(l1_cache(tmp_path / "a", "48K", "0")) == 218
+    assert input_channel_block(l1_cache(tmp_path / "b", "32K", "0-1")) == 72  # two threads
+    assert input_channel_block(l1_cache(tmp_path / "c", "32K", "0,4", "Unified")) == 72
+    assert input_channel_block(tmp_path / "none") is None
+    conv = WinogradConv2d(frozen_conv(256, 512))
+    # Blocked, the forward convolution (256 in, 512 out) needs more than the gradient's.
+    assert conv.workspace(12, 12, block=218) == (4 * (218 + 512) * 256, 512 * 218 * 256)
+    assert conv.workspace(12, 12, block=None) == (4 * (256 + 512) * 256, 512 * 256 * 256)
+    assert conv.workspace(12, 12, block=64) == (4 * (64 + 512) * 256, 512 * 64 * 256)
+
+
+THREADS_BUFFER = """
+import threading, torch
+torch.set_num_threads(1)
+x, w = torch.rand(1, 512, 3, 3), torch.rand(512, 512, 3, 3)
+pages = lambda: int(open("/proc/self/statm").read().split()[1])
+torch.backends.nnpack.is_available()  # NNPACK starts here
+grew = []
+def run():
+    before = pages()
+    torch._nnpack_spatial_convolution(x, w, None, [1, 1])
+    grew.append((pages() - before) * 4096)
+thread = threading.Thread(target=run)
+thread.start()
+thread.join()
+print(grew[0])
+"""
+
+
+def test_a_threads_buffer_for_a_tiny_image_is_the_filters_transform() -> None:
+    """Measured from outside, in a fresh process: what one 512-channel convolution of a 3×3
+    input leaves resident in its thread is the estimate's buffer, near all of it the filters'
+    transform (the tiles' part is 64 KiB), and no more than the estimate and 2 MiB of the
+    thread's own (its stack, the output)."""
+    grew = int(subprocess.run([sys.executable, "-c", THREADS_BUFFER], capture_output=True,
+                              text=True, check=True).stdout)  # fmt: skip
+    estimate = sum(WinogradConv2d(frozen_conv(512, 512, bias=False)).workspace(3, 3))
+    assert grew <= estimate + 2 * 2**20, (grew, estimate)
+    assert grew >= 0.5 * estimate, (grew, estimate)  # the kernel's transform is what grew
 
 
 def test_the_choice_of_convolution_is_checked_in_words() -> None:
