@@ -16,7 +16,6 @@ process running at a time. Writes features-memory.md and features-memory.json.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 import resource
@@ -32,6 +31,7 @@ import numpy as np
 
 from services.common import images
 from services.common.config import CpuArena
+from services.common.heap import malloc_trim
 from services.features.core import FeatureExtractor
 
 MiB = 1024 * 1024
@@ -85,7 +85,7 @@ def child(args: argparse.Namespace) -> None:
         mark(f"{width}x{height}", cache_bytes=extractor.cache_bytes)
     mark("varied", cache_bytes=extractor.cache_bytes)
     start = time.perf_counter()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    malloc_trim()
     mark("trimmed", cache_bytes=extractor.cache_bytes, trim_ms=(time.perf_counter() - start) * 1e3)
     seed = 1000
     for _ in range(args.repeats + 1):  # the first of each size is a warm-up

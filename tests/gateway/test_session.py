@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import io
 import os
@@ -18,6 +17,7 @@ from PIL import Image
 from styleblend.v1 import styleblend_pb2 as pb
 
 from services.common import colour, images
+from services.common.heap import malloc_trim
 from tests.conftest import Graph, sample
 from tests.gateway.test_graph import source, style_distance
 
@@ -202,7 +202,7 @@ def test_style_scale_changes_the_strokes_and_is_bounded(graph: Graph) -> None:
 def settled_rss_bytes() -> int:
     """Resident memory once garbage is collected and malloc has handed free pages back."""
     gc.collect()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    malloc_trim()
     with open(f"/proc/{os.getpid()}/statm") as statm:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
