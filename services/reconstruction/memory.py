@@ -23,7 +23,7 @@ from services.common.errors import ResourceExhausted
 from services.reconstruction.core import LBFGS_HISTORY, Job
 from services.reconstruction.objective import FeatureNet, gram, guided_gram
 from services.reconstruction.tiles import Tiling
-from services.reconstruction.winograd import workspace_of
+from services.reconstruction.winograd import filters_bytes, workspace_of
 
 MiB = 1024 * 1024
 DEFAULT_TILING = Tiling(tile=TILE_PX, margin=TILE_MARGIN_PX)
@@ -59,8 +59,8 @@ class Footprint:
         per_pixel = (large[0] - small[0]) / (128 * 128 - 64 * 64)
         return cls(
             small[0] - per_pixel * 64 * 64, per_pixel, large[1] / (128 * 128),
-            workspace.tiles / (128 * 128),  # tiles round up at 128 px: a little over, never under
-            workspace.kernel,
+            workspace / (128 * 128),  # tiles round up at 128 px: a little over, never under
+            filters_bytes(net),  # whichever layers are big enough for Winograd at the size
         )  # fmt: skip
 
     @staticmethod
