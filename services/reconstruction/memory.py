@@ -23,7 +23,7 @@ from services.common.errors import ResourceExhausted
 from services.reconstruction.core import LBFGS_HISTORY, Job
 from services.reconstruction.objective import FeatureNet, gram, guided_gram
 from services.reconstruction.tiles import Tiling
-from services.reconstruction.winograd import filters_bytes, workspace_of
+from services.reconstruction.winograd import MIN_PIXELS, workspace_of
 
 MiB = 1024 * 1024
 DEFAULT_TILING = Tiling(tile=TILE_PX, margin=TILE_MARGIN_PX)
@@ -33,15 +33,20 @@ DEFAULT_TILING = Tiling(tile=TILE_PX, margin=TILE_MARGIN_PX)
 class Footprint:
     """Autograd's bytes for one evaluation: `fixed` + `per_pixel` · pixels; `peak_per_pixel` is
     the largest single activation, whose gradient the backward pass holds on top;
-    `workspace_per_pixel` and `workspace_fixed` the largest buffer a Winograd convolution works
-    in (its transformed tiles, and its transformed filters, whatever the image's size: 27 MiB
-    for VGG's 512-channel layers with a 48 KiB L1 cache)."""
+    `workspace_per_pixel` and `filters` the largest buffer a Winograd convolution works in: its
+    transformed tiles, and its transformed filters, whose size does not grow with the image but
+    which a layer needs only from the canvas at which it takes Winograd (27 MiB for VGG's
+    512-channel layers with a 48 KiB L1 cache): (canvas pixels from which, bytes) pairs."""
 
     fixed: float
     per_pixel: float
     peak_per_pixel: float
     workspace_per_pixel: float = 0.0
-    workspace_fixed: float = 0.0
+    filters: tuple[tuple[float, int], ...] = ()
+
+    def filters_bytes(self, pixels: float) -> int:
+        """The largest transformed filters a pass over `pixels` needs."""
+        return max((size for start, size in self.filters if pixels >= start), default=0)
 
     @classmethod
     def measure(
@@ -55,12 +60,14 @@ class Footprint:
         """`grams`: the style layers, whose Gram matrices may save tensors of their own (a
         guided Gram, as tiles and regions use, keeps a masked copy of each layer)."""
         small = cls._saved(net, layers, device, 64, grams, guided)
-        large, workspace = workspace_of(lambda: cls._saved(net, layers, device, 128, grams, guided))
+        large, asked = workspace_of(lambda: cls._saved(net, layers, device, 128, grams, guided))
         per_pixel = (large[0] - small[0]) / (128 * 128 - 64 * 64)
+        # A layer seeing `pixels` of the 128² canvas takes Winograd from MIN_PIXELS on.
+        filters = {(MIN_PIXELS * 128 * 128 / pixels, size) for pixels, size in asked.filters}
         return cls(
             small[0] - per_pixel * 64 * 64, per_pixel, large[1] / (128 * 128),
-            workspace / (128 * 128),  # tiles round up at 128 px: a little over, never under
-            filters_bytes(net),  # whichever layers are big enough for Winograd at the size
+            asked.tiles / (128 * 128),  # tiles round up at 128 px: a little over, never under
+            tuple(sorted(filters)),
         )  # fmt: skip
 
     @staticmethod
@@ -72,12 +79,20 @@ class Footprint:
         grams: Sequence[str],
         guided: bool,
     ) -> tuple[int, int]:
-        """(bytes of the distinct storages autograd saves, the largest of them)."""
+        """(bytes of the distinct storages autograd saves, the largest of them), leaving out
+        the net's own weights, which a direct convolution saves but which are there anyway."""
         storages: dict[int, int] = {}
         activations: dict[int, int] = {}  # the batch's tensors (1×C×H×W), not the weights
+        weights = (
+            {t.untyped_storage().data_ptr() for t in (*net.parameters(), *net.buffers())}
+            if isinstance(net, torch.nn.Module)
+            else set()
+        )
 
         def pack(tensor: torch.Tensor) -> torch.Tensor:
             storage = tensor.untyped_storage()
+            if storage.data_ptr() in weights:
+                return tensor
             storages[storage.data_ptr()] = storage.nbytes()
             if tensor.dim() == 4 and tensor.shape[0] == 1:
                 activations[storage.data_ptr()] = storage.nbytes()
@@ -113,7 +128,7 @@ def estimate_bytes(
         side = tiling.tile + 2 * tiling.margin
         evaluated = min(width, side) * min(height, side)
     per_pixel = footprint.per_pixel + footprint.peak_per_pixel + footprint.workspace_per_pixel
-    autograd = footprint.fixed + footprint.workspace_fixed + per_pixel * evaluated
+    autograd = footprint.fixed + footprint.filters_bytes(evaluated) + per_pixel * evaluated
     image = 4 * channels * canvas  # one float32 image
     states = 2 * LBFGS_HISTORY + 3 if optimizer == "lbfgs" else 2  # (s, y) pairs, or Adam's m, v
     return int(autograd + image * (2 + states) + target_bytes)

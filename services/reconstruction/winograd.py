@@ -112,19 +112,23 @@ class WinogradConv2d(nn.Module):
         self.register_buffer("turned", turned, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self._winograd_applies(x):
+        if not self._nnpack_fits(x):
             return F.conv2d(x, self.weight, self.bias, padding=1)
-        _ASKED.largest = max(_ASKED.largest, self.workspace(x.shape[-2], x.shape[-1]).tiles)
+        pixels = x.shape[-2] * x.shape[-1]
+        if _ASKED.filters is not None:
+            _ASKED.filters.append((pixels, self.workspace(1, 1).kernel))
+        if pixels < MIN_PIXELS:
+            return F.conv2d(x, self.weight, self.bias, padding=1)
+        _ASKED.tiles = max(_ASKED.tiles, self.workspace(x.shape[-2], x.shape[-1]).tiles)
         weight = self.weight.contiguous()
         return _Winograd.apply(x, weight, self.bias, self.turned)
 
-    def _winograd_applies(self, x: torch.Tensor) -> bool:
+    def _nnpack_fits(self, x: torch.Tensor) -> bool:
         return (
             x.device.type == "cpu"
             and x.dtype == torch.float32
             and not torch.is_autocast_enabled("cpu")
             and not self.weight.requires_grad
-            and x.shape[-2] * x.shape[-1] >= MIN_PIXELS
         )
 
     def workspace(self, height: int, width: int, block: int | None = CHANNEL_BLOCK) -> Workspace:
@@ -178,29 +182,35 @@ def with_winograd(net: nn.Module) -> int:
     return len(swaps)
 
 
-def filters_bytes(net: object) -> int:
-    """The largest transformed filters any of `net`'s Winograd layers works with: a part of
-    NNPACK's buffer that does not grow with the image."""
-    modules = net.modules() if isinstance(net, nn.Module) else ()
-    sizes = [m.workspace(1, 1).kernel for m in modules if isinstance(m, WinogradConv2d)]
-    return max(sizes, default=0)
+class Asked(NamedTuple):
+    """What a run's Winograd layers asked of NNPACK: the largest transformed tiles, in bytes,
+    and for every layer that fits NNPACK, its input's pixels and the bytes of its transformed
+    filters (asked for only from MIN_PIXELS on)."""
+
+    tiles: int
+    filters: list[tuple[int, int]]
 
 
 class _Asked(threading.local):
-    """The largest transformed tiles this thread's Winograd layers have asked for, in bytes:
-    per thread, as PyTorch keeps NNPACK's buffer, and so exact while other sessions run."""
+    """This thread's: per thread, as PyTorch keeps NNPACK's buffer, and so exact while other
+    sessions run. The filters are listed only while workspace_of measures."""
 
-    largest = 0
+    def __init__(self) -> None:
+        self.tiles = 0
+        self.filters: list[tuple[int, int]] | None = None
 
 
 _ASKED = _Asked()
 
 
-def workspace_of(run: Callable[[], T]) -> tuple[T, int]:
-    """`run`'s result, and the largest transformed tiles it asked NNPACK for, in bytes."""
-    _ASKED.largest = 0
-    result = run()
-    return result, _ASKED.largest
+def workspace_of(run: Callable[[], T]) -> tuple[T, Asked]:
+    """`run`'s result, and what its Winograd layers asked of NNPACK."""
+    _ASKED.tiles, _ASKED.filters = 0, []
+    try:
+        result = run()
+        return result, Asked(_ASKED.tiles, _ASKED.filters)
+    finally:
+        _ASKED.filters = None
 
 
 def convolution_for(

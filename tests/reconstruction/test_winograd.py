@@ -203,14 +203,20 @@ def test_the_footprint_counts_nnpacks_buffer(net: nn.Module) -> None:
     # conv1_2 and its gradient: (64 + 64) channels of 8×8 float32 tiles per 6×6 pixels
     assert winograd.workspace_per_pixel == pytest.approx((64 + 64) * 256 / 36, rel=0.07)
     assert winograd.workspace_per_pixel >= (64 + 64) * 256 / 36
-    # The filters' transform, whatever the size: conv4_2's 512 × 512 at most, for a block of
-    # input channels that fits this CPU's L1 cache.
+    # The filters' transform does not grow with the image, but a layer takes Winograd only from
+    # MIN_PIXELS: conv4_2's 512 × 512 (for a block of input channels that fits this CPU's L1
+    # cache) from a 384² canvas, at stride 8; conv1_2's 64 × 64 from 48².
     block = min(CHANNEL_BLOCK or 512, 512)
-    assert winograd.workspace_fixed == 512 * block * 256
+    assert plain.filters == ()
+    assert winograd.filters_bytes(384 * 384) == 512 * block * 256
+    assert winograd.filters_bytes(384 * 384 - 1) == 256 * min(block, 256) * 256  # conv3_x
+    assert winograd.filters_bytes(48 * 48) == 64 * 64 * 256
+    assert winograd.filters_bytes(48 * 48 - 1) == 0
     _, asked = workspace_of(lambda: fast(torch.rand(1, 3, 60, 66), ["relu1_1"]))
-    assert asked == 10 * 11 * (3 + 64) * 256  # conv1_1 only: the pass stops at relu1_1
+    assert asked.tiles == 10 * 11 * (3 + 64) * 256  # conv1_1 only: the pass stops at relu1_1
+    assert asked.filters == [(60 * 66, 64 * 3 * 256)]
     _, asked = workspace_of(lambda: fast(torch.rand(1, 3, 47, 48), ["relu1_1"]))
-    assert asked == 0  # under MIN_PIXELS: the direct convolution
+    assert asked.tiles == 0  # under MIN_PIXELS: the direct convolution
 
 
 def l1_cache(root: Path, size: str, shared: str, kind: str = "Data") -> Path:
