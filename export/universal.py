@@ -74,13 +74,6 @@ class UniversalDecoder(nn.Module):
         modules += _conv(previous, 3, relu=False)
         self.net = nn.Sequential(*modules)
         self.register_buffer("input_scale", torch.ones(()))
-        # He et al.'s initialisation for the convolutions a ReLU follows: with PyTorch's default
-        # each of them passed on about 0.4 of its input's spread, so relu5_1's 13 convolutions
-        # started with a first-layer gradient 1/1800 of the last's and the decoder learnt the
-        # photos' mean colour and little else. The last keeps the default: a quiet start.
-        for conv in [m for m in self.net if isinstance(m, nn.Conv2d)][:-1]:
-            nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
-            nn.init.zeros_(conv.bias)
 
     def initialise(self, features: Tensor, pixels: Tensor) -> None:
         """Scale the input to unit RMS (VGG's Caffe weights give hundreds at relu1_1) and start
