@@ -159,7 +159,7 @@ def on_replica(
     raise AssertionError(f"no blend landed on {replica.name}")
 
 
-# The two replica-killing tests cost 55 s with the restarts after them, so they run in `make
+# The two replica-killing tests cost about 50 s with the restarts after them, so they run in `make
 # test-slow`; `make test` kills a single graph's services in tests/reliability/test_faults.py.
 @pytest.mark.slow
 def test_a_reconstruction_replica_killed_mid_session_ends_only_that_session(
