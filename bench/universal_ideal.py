@@ -39,6 +39,7 @@ from services.features.universal import ChannelTarget, transform_channels
 STARTS = ("grey", "previous")
 GREY = 0.5
 LBFGS_HISTORY = 50  # as the reconstruction service keeps
+EVALUATIONS = 2  # per iteration at most, on average, line searches included
 DEFAULT_SETS = (
     ("relu3_1",), ("relu4_1",), ("relu5_1",),
     ("relu4_1", "relu3_1", "relu2_1", "relu1_1"),
@@ -60,15 +61,21 @@ def invert(
     start: np.ndarray,
     iterations: int,
 ) -> Inversion:
-    """The image (from `start`, kept within [0, 1]) whose `layer` features are nearest
-    `features` (C×h×w), by L-BFGS as the reconstruction service steps it."""
+    """The image (from `start`, clamped to [0, 1] at the end) whose `layer` features are
+    nearest `features` (C×h×w), by L-BFGS with a line search: with the reconstruction service's
+    fixed steps and a clamp after each, it blew up at relu1_1."""
     wanted = torch.as_tensor(features)[None]
     norm = float(wanted.pow(2).sum())
     image = universal.to_batch(start.astype(np.float32)).clone(
         memory_format=torch.contiguous_format
     )
     image.requires_grad_(True)
-    optimizer = torch.optim.LBFGS([image], lr=1.0, max_iter=1, history_size=LBFGS_HISTORY)
+    # `iterations` steps in one call, each line search a few evaluations (bounded in all).
+    optimizer = torch.optim.LBFGS(
+        [image], max_iter=iterations, max_eval=EVALUATIONS * iterations,
+        tolerance_grad=0.0, tolerance_change=0.0, history_size=LBFGS_HISTORY,
+        line_search_fn="strong_wolfe",
+    )  # fmt: skip
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad(set_to_none=True)
@@ -76,14 +83,12 @@ def invert(
         loss.backward()
         return loss
 
-    for _ in range(iterations):
-        optimizer.step(closure)
-        with torch.no_grad():
-            image.clamp_(0, 1)
+    optimizer.step(closure)
     with torch.no_grad():
+        image.clamp_(0, 1)
         error = float((net(image, [layer])[layer] - wanted).pow(2).sum()) / norm
         pixels = image[0].permute(1, 2, 0).numpy().copy()
-    return Inversion(pixels, error, iterations)
+    return Inversion(pixels, error, int(optimizer.state[image]["n_iter"]))
 
 
 def statistics(
