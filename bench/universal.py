@@ -101,6 +101,14 @@ class Pair:
         return canvas(self.photo, side), canvas(self.painting, side)
 
 
+def sample_pairs(count: int) -> list[Pair]:
+    """The first `count` of PAIRS, from the bundled samples."""
+    return [
+        Pair(SAMPLES / "content" / photo, SAMPLES / "style" / painting)
+        for photo, painting in PAIRS[:count]
+    ]
+
+
 def canvas(path: Path, side: int) -> np.ndarray:
     data = path.read_bytes()
     header = images.probe(data, path.name, 10**9)
@@ -461,7 +469,7 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
     levels = tuple(layer for layer in reversed(STYLE_LAYERS) if layer in args.levels)
-    pairs = [Pair(SAMPLES / "content" / a, SAMPLES / "style" / b) for a, b in PAIRS[: args.pairs]]
+    pairs = sample_pairs(args.pairs)
     styliser = UniversalStyliser(MODEL_DIR, args.universal_dir, intra_op_threads=args.threads)
     command = (
         f"python -m bench.universal --out {args.out} --size {args.size} --quality-size "

@@ -215,10 +215,7 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     net = served_net()
-    pairs = [
-        universal.Pair(universal.SAMPLES / "content" / a, universal.SAMPLES / "style" / b)
-        for a, b in universal.PAIRS[: args.pairs]
-    ]
+    pairs = universal.sample_pairs(args.pairs)
     results = {pair.name: judge_pair(net, pair, args, sets) for pair in pairs}
     command = "python -m bench.universal_ideal " + " ".join(
         [*(f"--levels {','.join(s)}" for s in sets), "--starts", *args.starts,

@@ -102,10 +102,7 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     net = served_net()
-    pairs = [
-        universal.Pair(universal.SAMPLES / "content" / a, universal.SAMPLES / "style" / b)
-        for a, b in universal.PAIRS[: args.pairs]
-    ]
+    pairs = universal.sample_pairs(args.pairs)
     tables = {pair.name: rows_for(net, pair, args.size, folders, levels) for pair in pairs}
     command = "python -m bench.universal_layers " + " ".join(
         [*(f"--universal-dir {os.path.relpath(f, ROOT)}" for f in folders),
