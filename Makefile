@@ -245,6 +245,15 @@ bench-universal: install $(UNIVERSAL_MODEL)/universal.json
 	$(PY) -m bench.universal --out out/bench $(BENCH_ARGS)
 	$(PY) -m bench.universal_memory --out out/bench
 
+# The universal method's ceiling: its transform with each decoder replaced by L-BFGS feature
+# inversion, so what is left is the method's error, not the decoders' (README, Universal blends;
+# out/bench/universal-ideal.md). Needs no trained decoders; 18 min on this 2-core CPU.
+.PHONY: bench-universal-ideal
+bench-universal-ideal: install
+	$(PY) -m bench.universal_ideal --out out/bench --starts grey --refine --iterations 100 \
+		--levels relu3_1 --levels relu4_1 --levels relu3_1,relu2_1,relu1_1 \
+		--levels relu4_1,relu3_1,relu2_1,relu1_1 --levels relu5_1,relu4_1,relu3_1,relu2_1,relu1_1
+
 # The iterative path through the graph against a bare PyTorch loop, first previews, sliders,
 # extraction, bytes and memory at 128, 256 and 512 px on the CPU (issue 6); BENCH_ARGS adds
 # options, e.g. BENCH_ARGS="--sizes 256 --repeats 5". Writes out/bench/graph.md and graph.json.
