@@ -22,17 +22,20 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
 import bench.universal as universal
 import bench.universal_layers as layers_bench
 from bench.graph import ROOT, write_report
 from bench.large import STYLE_LAYERS, served_net
+from bench.pictures import contact_sheet
+from services.common import images
 from services.features import core as features_core
 from services.features.universal import ChannelTarget, transform_channels
 
@@ -154,6 +157,7 @@ class PairResult:
     rows: dict[str, list[float]]  # picture -> per-layer errors, their mean, content
     inversions: dict[str, list[float]]  # ideal picture -> each level's inversion error
     refined: dict[str, int | None]  # ideal picture -> refine iterations (with --refine)
+    tiles: list[tuple[str, Image.Image]] = field(default_factory=list)  # for the contact sheet
 
 
 def judge_pair(
@@ -165,6 +169,7 @@ def judge_pair(
     photo, painting = pair.pixels(args.size)
     targets = universal.scale_targets(net, photo, painting)
     result = PairResult(layers_bench.rows_for(net, pair, args.size, [], ()), {}, {})
+    result.tiles += [("photo", picture(photo)), ("painting", picture(painting))]
     if args.refine:
         weights = universal.loss_weights()
         from_photo = universal.optimise(net, targets, weights, photo, universal.LONG)
@@ -174,10 +179,15 @@ def judge_pair(
         image, inversions = ideal_image(net, photo, painting, levels, args.iterations, start)
         row = result.rows[name] = layers_bench.per_layer(net, targets, image)
         result.inversions[name] = [i.error for i in inversions]
+        result.tiles.append((name.removeprefix("ideal "), picture(image)))
         if args.refine:
             result.refined[name] = refine_iterations(net, targets, image, long_style)
         print(f"{pair.name}, {name}: style {row[-2]:.3f}, content {row[-1]:.3f}", flush=True)
     return result
+
+
+def picture(pixels: np.ndarray) -> Image.Image:
+    return Image.fromarray(images.to_uint8(pixels))
 
 
 def markdown(command: str, results: dict[str, PairResult]) -> str:
@@ -223,9 +233,13 @@ def main() -> int:
          "--pairs", str(args.pairs), *(["--refine"] if args.refine else [])]
     )  # fmt: skip
     text = markdown(command, results)
-    write_report(args.out, "universal-ideal",
-                 {"command": command} | {name: asdict(r) for name, r in results.items()},
-                 text)  # fmt: skip
+    data = {
+        name: {"rows": r.rows, "inversions": r.inversions, "refined": r.refined}
+        for name, r in results.items()
+    }
+    write_report(args.out, "universal-ideal", {"command": command} | data, text)
+    sheet = contact_sheet([r.tiles for r in results.values()])
+    sheet.save(args.out / "universal-ideal.jpg", quality=90)
     print(text)
     return 0
 
