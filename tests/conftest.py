@@ -133,12 +133,14 @@ def serve(
     max_message_bytes: int = 64 * MiB,
     metrics: ServiceMetrics | None = None,
     internal_token: str | None = INTERNAL_TOKEN,
+    port: int = 0,
 ) -> RunningServer:
-    """A server on a free loopback port; an internal servicer there answers only callers with
-    `internal_token` (a gateway's server hosts no internal method, so it changes nothing)."""
+    """A server on loopback (a free port unless given); an internal servicer there answers only
+    callers with `internal_token` (a gateway's server hosts no internal method, so it changes
+    nothing)."""
     return start_server(
         lambda _: [servicer],
-        address="127.0.0.1:0",
+        address=f"127.0.0.1:{port}",
         max_message_bytes=max_message_bytes,
         metrics=metrics,
         internal_token=internal_token,
@@ -177,7 +179,9 @@ def internal_metadata(graph: Graph) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {graph.internal_token}"),)
 
 
-def start_gateway(upstreams: dict[str, str], **limits: int) -> tuple[RunningServer, GatewayConfig]:
+def start_gateway(
+    upstreams: dict[str, str], port: int = 0, **limits: int
+) -> tuple[RunningServer, GatewayConfig]:
     config = GatewayConfig(
         gateway_port=0,
         features_address=upstreams["features"],
@@ -187,7 +191,8 @@ def start_gateway(upstreams: dict[str, str], **limits: int) -> tuple[RunningServ
         internal_token=INTERNAL_TOKEN,
     ).model_copy(update=limits)
     metrics = ServiceMetrics("gateway")
-    return serve(build_gateway(config, metrics), config.max_request_bytes, metrics), config
+    server = serve(build_gateway(config, metrics), config.max_request_bytes, metrics, port=port)
+    return server, config
 
 
 @pytest.fixture(scope="session")

@@ -108,19 +108,36 @@ function showError(error, what) {
 
 // --- info and samples ------------------------------------------------------------------------
 
+// The studio is served as soon as `styleblend up` starts, before the graph answers, and a
+// gateway may restart: while it is UNAVAILABLE the page asks again, less often each time.
+const INFO_RETRY_MS = [1000, 2000, 4000, 8000];
+let infoRetries = 0;
+let infoTimer = null;
+
 async function loadInfo() {
+  clearTimeout(infoTimer);
   try {
     const info = await api("api/info");
     const providers = (info.executionProviders || []).join(", ");
     $("model-info").textContent =
       `model ${info.model} · features on ${providers || "?"} · reconstruction on ` +
       `${info.reconstructionDevice || "?"} · v${info.version}`;
+    if (infoRetries > 0) clearMessage(); // the "not answering yet" note
+    infoRetries = 0;
     applyLimits(info);
     offerFastModels(info.fastModels || []);
     offerUniversal(info.universal);
   } catch (error) {
     $("model-info").textContent = "The gateway is not answering.";
-    showError(error, "Could not reach the gateway");
+    if (error.code !== "UNAVAILABLE") {
+      showError(error, "Could not reach the gateway");
+      return;
+    }
+    const wait = INFO_RETRY_MS[Math.min(infoRetries, INFO_RETRY_MS.length - 1)];
+    infoRetries += 1;
+    showMessage(`The gateway is not answering yet (${error.message}); trying again in ` +
+                `${wait / 1000} s.`, "note");
+    infoTimer = setTimeout(loadInfo, wait);
   }
 }
 

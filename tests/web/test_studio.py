@@ -14,6 +14,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from bench.ports import free_port
+from services.gateway.web import start_web
+from tests.conftest import Graph, address, start_gateway
 from tests.web.conftest import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
@@ -291,3 +294,27 @@ def test_a_painting_of_ones_own_is_blended_at_once_by_the_universal_method(
         "made in one pass by the universal decoders"
     )
     assert not studio.errors
+
+
+def test_the_studio_waits_for_a_gateway_still_starting(studio: Studio, graph: Graph) -> None:
+    # `styleblend up` serves the page before the graph answers; a person who opens it then
+    # should not have to reload once the gateway is up.
+    port = free_port()
+    web = start_web("127.0.0.1", 0, f"127.0.0.1:{port}")
+    gateway = None
+    try:
+        page = studio.page
+        page.goto(f"http://127.0.0.1:{web.port}/")
+        message = page.get_by_test_id("message")
+        expect(message).to_contain_text("not answering yet", timeout=WAIT_MS)
+        expect(page.get_by_test_id("model-info")).to_have_text("The gateway is not answering.")
+        upstreams = {name: address(getattr(graph, name))
+                     for name in ("features", "blending", "reconstruction")}  # fmt: skip
+        gateway, _ = start_gateway(upstreams, port=port)
+        expect(page.get_by_test_id("model-info")).to_contain_text("vgg19", timeout=WAIT_MS)
+        expect(message).to_be_hidden()
+        assert not studio.errors
+    finally:
+        if gateway is not None:
+            gateway.stop(0)
+        web.stop()
