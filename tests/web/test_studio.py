@@ -318,3 +318,18 @@ def test_the_studio_waits_for_a_gateway_still_starting(studio: Studio, graph: Gr
         if gateway is not None:
             gateway.stop(0)
         web.stop()
+
+
+def test_the_blend_panels_fields_stay_inside_it(studio: Studio, studio_url: str) -> None:
+    # The longest method name ("… instant, then refined") once widened its select, and every
+    # field with it, past the panel's right edge.
+    page = studio.page
+    studio.open(studio_url)
+    panel = page.locator(".panel", has=page.get_by_test_id("mode")).bounding_box()
+    assert panel is not None
+    for test_id in ("mode", "strength", "size", "iterations", "optimizer", "color", "start"):
+        box = page.get_by_test_id(test_id).bounding_box()
+        assert box is not None, test_id
+        assert panel["x"] <= box["x"] and box["x"] + box["width"] <= panel["x"] + panel["width"], (
+            f"{test_id}: {box} is not inside the panel {panel}"
+        )
