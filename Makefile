@@ -250,9 +250,7 @@ bench-universal: install $(UNIVERSAL_MODEL)/universal.json
 # out/bench/universal-ideal.md). Needs no trained decoders; 18 min on this 2-core CPU.
 .PHONY: bench-universal-ideal
 bench-universal-ideal: install
-	$(PY) -m bench.universal_ideal --out out/bench --starts grey --refine --iterations 100 \
-		--levels relu3_1 --levels relu4_1 --levels relu3_1,relu2_1,relu1_1 \
-		--levels relu4_1,relu3_1,relu2_1,relu1_1 --levels relu5_1,relu4_1,relu3_1,relu2_1,relu1_1
+	$(PY) -m bench.universal_ideal --out out/bench --starts grey --refine --iterations 100
 
 # The iterative path through the graph against a bare PyTorch loop, first previews, sliders,
 # extraction, bytes and memory at 128, 256 and 512 px on the CPU (issue 6); BENCH_ARGS adds

@@ -1,7 +1,7 @@
 """The universal method's ceiling: its transform with ideal decoders in place of trained ones.
 
-    python -m bench.universal_ideal [--size 256] [--pairs 2] [--iterations 300] \\
-        [--levels relu3_1 --levels relu5_1,relu4_1,relu3_1,relu2_1,relu1_1 …]
+    python -m bench.universal_ideal [--size 256] [--pairs 2] [--iterations 150] [--refine] \\
+        [--starts grey previous] [--levels relu3_1 --levels relu4_1,relu3_1 …]
 
 Each level whitens and colours the image's features exactly as the service does
 (`transform_channels`), and then, where the service runs a trained decoder, L-BFGS on the pixels
@@ -24,7 +24,6 @@ import argparse
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -38,13 +37,14 @@ from bench.pictures import contact_sheet
 from services.common import images
 from services.features import core as features_core
 from services.features.universal import ChannelTarget, transform_channels
+from services.reconstruction import core
 
 STARTS = ("grey", "previous")
 GREY = 0.5
 LBFGS_HISTORY = 50  # as the reconstruction service keeps
 EVALUATIONS = 2  # per iteration at most, on average, line searches included
 DEFAULT_SETS = (
-    ("relu3_1",), ("relu4_1",), ("relu5_1",),
+    ("relu3_1",), ("relu4_1",), ("relu3_1", "relu2_1", "relu1_1"),
     ("relu4_1", "relu3_1", "relu2_1", "relu1_1"),
     ("relu5_1", "relu4_1", "relu3_1", "relu2_1", "relu1_1"),
 )  # fmt: skip
@@ -135,7 +135,7 @@ def ideal_image(
 
 
 def refine_iterations(
-    net: torch.nn.Module, targets: Any, start: np.ndarray, long_style: float
+    net: torch.nn.Module, targets: core.ScaleTargets, start: np.ndarray, long_style: float
 ) -> int | None:
     """L-BFGS from `start` until the style term is at most `long_style` (weighted)."""
     refined = universal.optimise(net, targets, universal.loss_weights(), start,
